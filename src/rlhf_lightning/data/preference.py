@@ -1,0 +1,81 @@
+"""Preference data: pairwise comparisons and K-way rankings, each response encoded once.
+
+A batch element is one prompt with its K responses (K=2 for a pair). The collator flattens all
+responses of the batch into one right-padded tensor and lists the C(K,2) comparisons as index pairs,
+so a ranking costs K forward passes, not 2*C(K,2), and its prompt is seen once per epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_lightning.data.base import TextDataModule
+from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.formats import PreferenceRow, SkipRow, to_preference_row
+from rlhf_lightning.data.render import encode_pair
+from rlhf_lightning.rl.ranking import all_pairs
+
+
+def preference_example(prompt_ids: list[int], response_ids: list[list[int]], margin: float | None, max_length: int) -> dict:
+    """Encoded sequences (prompt + each response, truncated to ``max_length``) of one ranking.
+
+    Skipped (and counted): a prompt that leaves no room for a response, and responses that become
+    identical once truncated (the comparison would carry no signal).
+    """
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise SkipRow("prompt fills max_length")
+    responses = [r[:room] for r in response_ids]
+    if len({tuple(r) for r in responses}) < len(responses):
+        raise SkipRow("responses identical after truncation to max_length")
+    return {
+        "sequences": [prompt_ids + r for r in responses],
+        "response_lengths": [len(r) for r in responses],
+        "margin": margin,
+    }
+
+
+def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
+    """Flatten the responses of a batch of rankings and index their comparisons."""
+    sequences, lengths, pairs, groups, margins = [], [], [], [], []
+    for g, example in enumerate(examples):
+        offset = len(sequences)
+        sequences.extend(example["sequences"])
+        lengths.extend(example["response_lengths"])
+        for winner, loser in all_pairs(len(example["sequences"])):
+            pairs.append((offset + winner, offset + loser))
+            groups.append(g)
+            margins.append(example["margin"] or 0.0)
+    return {
+        "input_ids": pad(sequences, pad_token_id),
+        "attention_mask": mask_of(sequences),
+        "response_lengths": torch.tensor(lengths, dtype=torch.float),
+        "pairs": torch.tensor(pairs, dtype=torch.long),
+        "groups": torch.tensor(groups, dtype=torch.long),
+        "margins": torch.tensor(margins, dtype=torch.float),
+    }
+
+
+class PreferenceDataModule(TextDataModule):
+    """Pairwise or K-way ranked preferences in any format of ``rlhf_lightning.data.formats``.
+
+    ``batch_size`` counts prompts: a batch of 4 K=4 rankings encodes 16 sequences and 24 comparisons.
+    Reusable by any preference-based method.
+
+    """
+
+    parse_row = staticmethod(to_preference_row)
+
+    def __init__(self, train: str = "bundled:preferences_train", **kwargs):
+        super().__init__(train=train, **kwargs)
+
+    def encode(self, row: PreferenceRow) -> dict:
+        encoded = [encode_pair(self.tokenizer, row.prompt, r) for r in row.responses]
+        return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, self.max_length)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return collate_preferences(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: dict) -> int:
+        return sum(len(s) for s in example["sequences"])
+

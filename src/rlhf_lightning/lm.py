@@ -1,0 +1,127 @@
+"""Forward passes of language models that compute only what the losses read.
+
+The LM head of a 135M model with a 49k vocabulary costs as much as several transformer layers, and
+most positions of an SFT or PPO batch (prompt and pad) never reach a loss. These helpers run the
+backbone once and project only the selected positions. Positions are always derived from the
+attention mask, so left-padded prompts (generation) and right-padded ones (training) agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+from rlhf_lightning.models import backbone, lm_head, score_head
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The backbone's last hidden states, ``(batch, time, hidden)``."""
+    out = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A reward model's scalar score of each row, read at its last real token, ``(batch,)``."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return score_head(model)(last).squeeze(-1)
+
+
+def token_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """A value model's estimate at every position from ``start - 1`` on, ``(batch, time - start)``.
+
+    The value of response token ``t`` is read from the hidden state that predicts it (position
+    ``start + t - 1``), the state the policy acted from.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
+    return score_head(model)(hidden).squeeze(-1)
+
+
+def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """Logits predicting tokens ``start:`` of each row, ``(batch, time - start, vocab)``."""
+    hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
+    return lm_head(model)(hidden)
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``tokens`` under ``softmax(logits / temperature)``."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at each position."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int, temperature: float = 1.0
+) -> Tensor:
+    """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``."""
+    logits = response_logits(model, input_ids, attention_mask, start)
+    return logprobs_from_logits(logits, input_ids[:, start:], temperature)
+
+
+def mask_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Replace everything after the first EOS by pad; returns ``(responses, mask)``, EOS kept in the mask."""
+    is_eos = responses == eos_token_id
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = ~after
+    return responses.masked_fill(after, pad_token_id), mask
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Generate from left-padded prompts with the KV cache.
+
+    Returns ``(responses, response_mask)`` of shape ``(batch, max_new_tokens)``: tokens after the first
+    EOS are pad and masked out; the pad token itself is never sampled.
+    """
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample and top_k > 0 else None,
+        top_p=top_p if do_sample and top_p < 1.0 else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=[pad_token_id] if pad_token_id != eos_token_id else None,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    model.train(was_training)
+    responses = out[:, input_ids.shape[1] :]
+    if responses.shape[1] < max_new_tokens:  # every row stopped early
+        fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
+        responses = torch.cat([responses, fill], dim=1)
+    return mask_after_eos(responses, eos_token_id, pad_token_id)

@@ -1,0 +1,101 @@
+"""What the supervised stages (SFT, reward model) share: a backbone by name, LoRA, the optimizer, export."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from rlhf_lightning.models import DEFAULT_MODEL, apply_lora, load_tokenizer, save_hf
+
+
+class FinetuneModule(LightningModule):
+    """A Hugging Face backbone fine-tuned with AdamW and exported in Hugging Face format at the end of fit.
+
+    Args:
+        model: Backbone to start from: a local Hugging Face directory (e.g. a previous stage's export),
+            a hub id, ``bundled:SmolLM2-135M-Instruct`` or ``tiny:llama``.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_eps: AdamW epsilon.
+        warmup_ratio: Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
+        lr_scheduler: Shape of the learning rate after warm-up.
+        lora_r: LoRA rank; 0 trains every weight, >0 trains LoRA adapters only (peft). Exports are merged.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_dropout: Dropout on the LoRA path.
+        lora_target_modules: Module names that get adapters, or ``"all-linear"``.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        export_dir: Where the Hugging Face export is written at the end of ``fit`` (``None``: no export).
+            The next stage's config points here.
+        trust_remote_code: Allow a hub model to run its own code (off: only for repos you trust).
+    """
+
+    lora_task: str = "CAUSAL_LM"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        warmup_ratio: float = 0.1,
+        lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        lora_r: int = 0,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.model = self.build_model()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        if lora_r > 0:
+            self.model = apply_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules, self.lora_task)
+        self.nonfinite_steps = 0
+
+    def build_model(self) -> nn.Module:
+        """The backbone to train, loaded from ``hparams.model``."""
+        raise NotImplementedError
+
+    def export_extras(self) -> dict:
+        """Extra JSON files written beside the exported weights."""
+        return {}
+
+    def skip_if_nonfinite(self, loss: Tensor) -> Tensor | None:
+        """``None`` (Lightning then skips the step) when the loss is NaN/inf; counted and logged."""
+        if torch.isfinite(loss):
+            return loss
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        return None
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+            eps=self.hparams.adam_eps,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        name = "constant_with_warmup" if self.hparams.lr_scheduler == "constant" else self.hparams.lr_scheduler
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            path = save_hf(self.model, self.tokenizer, self.hparams.export_dir, self.export_extras())
+            rank_zero_info(f"exported the model in Hugging Face format to {path}")
