@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -305,17 +306,37 @@ def lm_head(model: nn.Module) -> nn.Module:
     return inner.get_output_embeddings()
 
 
-def apply_lora(
-    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str | list[str], task: str
-) -> nn.Module:
+@dataclass
+class LoraOptions:
+    """LoRA adapters (peft) instead of full fine-tuning; exports are merged into plain weights.
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator: the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter path (keep 0 for PPO: log-probs must not depend on the mode).
+        target_modules: Module names that get adapters, or ``"all-linear"``.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+    @classmethod
+    def of(cls, value: LoraOptions | dict | None) -> LoraOptions | None:
+        """Accept the options as given in a config or as restored from a checkpoint (a dict)."""
+        return cls(**value) if isinstance(value, dict) else value
+
+
+def apply_lora(model: PreTrainedModel, options: LoraOptions, task: str) -> nn.Module:
     """Wrap ``model`` with LoRA adapters (peft); only the adapters (and a reward head) train."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
         task_type=task,
     )
     return get_peft_model(model, config)

@@ -37,6 +37,7 @@ class TextDataModule(LightningDataModule):
     """
 
     parse_row: Any = None  # a function (record, where) -> canonical row, set by each subclass
+    parse_val_row: Any = None  # the same for validation rows, when they differ (PPO: preferences)
 
     def __init__(
         self,
@@ -85,6 +86,14 @@ class TextDataModule(LightningDataModule):
         """One batch of encoded rows."""
         raise NotImplementedError
 
+    def encode_val(self, row: Any) -> dict:
+        """Token ids of one validation row (by default as :meth:`encode`)."""
+        return self.encode(row)
+
+    def collate_val(self, examples: list[dict]) -> dict:
+        """One validation batch (by default as :meth:`collate`)."""
+        return self.collate(examples)
+
     def example_length(self, example: dict) -> int:
         """Tokens in an encoded row, for length grouping."""
         return len(example["input_ids"])
@@ -94,11 +103,11 @@ class TextDataModule(LightningDataModule):
         for reason, n in counts.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
 
-    def _encode_all(self, rows: list, source: str) -> list[dict]:
+    def _encode_all(self, rows: list, source: str, encode) -> list[dict]:
         out, skipped = [], {}
         for row in rows:
             try:
-                out.append(self.encode(row))
+                out.append(encode(row))
             except SkipRow as skip:
                 skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
         self._count(skipped)
@@ -106,8 +115,8 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"{source}: every row was skipped ({skipped}); nothing left to use")
         return out
 
-    def load_rows(self, source: str, split: str) -> list:
-        rows, skipped = read_rows(source, type(self).parse_row, split)
+    def load_rows(self, source: str, split: str, parse) -> list:
+        rows, skipped = read_rows(source, parse, split)
         self._count(skipped)
         return rows
 
@@ -115,10 +124,11 @@ class TextDataModule(LightningDataModule):
         if self.train_data is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
-        train_rows = self.load_rows(self.train_source, self.train_split)
+        parse = type(self).parse_row
+        train_rows = self.load_rows(self.train_source, self.train_split, parse)
         if self.val_source is not None:
-            val_rows = self.load_rows(self.val_source, self.val_split)
-        elif self.val_fraction > 0:
+            val_rows = self.load_rows(self.val_source, self.val_split, type(self).parse_val_row or parse)
+        elif self.val_fraction > 0 and type(self).parse_val_row is None:
             order = list(range(len(train_rows)))
             random.Random(self.seed).shuffle(order)
             n_val = max(1, round(self.val_fraction * len(train_rows)))
@@ -127,19 +137,19 @@ class TextDataModule(LightningDataModule):
             train_rows = [r for i, r in enumerate(train_rows) if i not in held]
         else:
             val_rows = []
-        self.train_data = self._encode_all(train_rows, self.train_source)
-        self.val_data = self._encode_all(val_rows, self.val_source or "val split") if val_rows else []
+        self.train_data = self._encode_all(train_rows, self.train_source, self.encode)
+        self.val_data = self._encode_all(val_rows, self.val_source or "val split", self.encode_val) if val_rows else []
         if self.skipped:
             detail = ", ".join(f"{n} × {reason}" for reason, n in sorted(self.skipped.items()))
             rank_zero_warn(f"{type(self).__name__}: skipped rows: {detail}")
 
-    def _loader(self, data: list[dict], shuffle: bool, sampler=None) -> DataLoader:
+    def _loader(self, data: list[dict], shuffle: bool, sampler=None, collate=None) -> DataLoader:
         return DataLoader(
             data,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            collate_fn=self.collate,
+            collate_fn=collate or self.collate,
             num_workers=self.num_workers,
         )
 
@@ -151,4 +161,4 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.train_data, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_data, shuffle=False) if self.val_data else []
+        return self._loader(self.val_data, shuffle=False, collate=self.collate_val) if self.val_data else []

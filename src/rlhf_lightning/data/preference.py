@@ -31,17 +31,19 @@ def preference_example(prompt_ids: list[int], response_ids: list[list[int]], mar
     return {
         "sequences": [prompt_ids + r for r in responses],
         "response_lengths": [len(r) for r in responses],
+        "prompt_length": len(prompt_ids),
         "margin": margin,
     }
 
 
 def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
     """Flatten the responses of a batch of rankings and index their comparisons."""
-    sequences, lengths, pairs, groups, margins = [], [], [], [], []
+    sequences, lengths, prompt_lengths, pairs, groups, margins = [], [], [], [], [], []
     for g, example in enumerate(examples):
         offset = len(sequences)
         sequences.extend(example["sequences"])
         lengths.extend(example["response_lengths"])
+        prompt_lengths.extend([example["prompt_length"]] * len(example["sequences"]))
         for winner, loser in all_pairs(len(example["sequences"])):
             pairs.append((offset + winner, offset + loser))
             groups.append(g)
@@ -50,6 +52,7 @@ def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
         "input_ids": pad(sequences, pad_token_id),
         "attention_mask": mask_of(sequences),
         "response_lengths": torch.tensor(lengths, dtype=torch.float),
+        "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
         "pairs": torch.tensor(pairs, dtype=torch.long),
         "groups": torch.tensor(groups, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float),

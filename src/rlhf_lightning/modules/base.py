@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -10,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from rlhf_lightning.models import DEFAULT_MODEL, apply_lora, load_tokenizer, save_hf
+from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, apply_lora, load_tokenizer, save_hf
 
 
 class FinetuneModule(LightningModule):
@@ -24,10 +25,7 @@ class FinetuneModule(LightningModule):
         adam_eps: AdamW epsilon.
         warmup_ratio: Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
         lr_scheduler: Shape of the learning rate after warm-up.
-        lora_r: LoRA rank; 0 trains every weight, >0 trains LoRA adapters only (peft). Exports are merged.
-        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
-        lora_dropout: Dropout on the LoRA path.
-        lora_target_modules: Module names that get adapters, or ``"all-linear"``.
+        lora: Train LoRA adapters instead of every weight (``None``: full fine-tuning).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         export_dir: Where the Hugging Face export is written at the end of ``fit`` (``None``: no export).
             The next stage's config points here.
@@ -44,23 +42,22 @@ class FinetuneModule(LightningModule):
         adam_eps: float = 1e-8,
         warmup_ratio: float = 0.1,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
-        lora_r: int = 0,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        lora_target_modules: str | list[str] = "all-linear",
+        lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        lora = LoraOptions.of(lora)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = asdict(lora) if lora else None  # a dict: checkpoints load with weights_only
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self.model = self.build_model()
+        self.model = self.build_model().train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        if lora_r > 0:
-            self.model = apply_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules, self.lora_task)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, self.lora_task)
         self.nonfinite_steps = 0
 
     def build_model(self) -> nn.Module:

@@ -1,0 +1,54 @@
+"""Prompts for PPO rollouts, left-padded for generation; optional held-out preferences for validation.
+
+The DataModule yields prompts only: responses are generated inside ``PPOModule.training_step``, so
+they always come from the current policy, and under DDP each rank gets its own shard of prompts.
+"""
+
+from __future__ import annotations
+
+from rlhf_lightning.data.base import TextDataModule
+from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.formats import PreferenceRow, PromptRow, SkipRow, to_preference_row, to_prompt_row
+from rlhf_lightning.data.preference import collate_preferences, preference_example
+from rlhf_lightning.data.render import encode, encode_pair, prompt_text
+
+
+class PromptDataModule(TextDataModule):
+    """Prompts in any format of ``rlhf_lightning.data.formats`` (messages go through the chat template).
+
+    ``batch_size`` is the rollout batch on each device: prompts per PPO iteration. ``max_length``
+    bounds the prompt; longer prompts are skipped and counted. ``val`` takes *preference* data
+    (any preference format): during PPO the reward model's and the policy's preference accuracy on it
+    are logged.
+
+    Args:
+        val_max_length: Longest prompt + response of a validation preference row, in tokens.
+    """
+
+    parse_row = staticmethod(to_prompt_row)
+    parse_val_row = staticmethod(to_preference_row)
+
+    def __init__(
+        self, train: str = "bundled:prompts_train", max_length: int = 256, val_max_length: int = 512, **kwargs
+    ):
+        super().__init__(train=train, max_length=max_length, **kwargs)
+        self.val_max_length = val_max_length
+
+    def encode(self, row: PromptRow) -> dict:
+        ids = encode(self.tokenizer, prompt_text(self.tokenizer, row.prompt))
+        if not ids:
+            raise SkipRow("empty prompt")
+        if len(ids) > self.max_length:
+            raise SkipRow("prompt longer than max_length")
+        return {"input_ids": ids}
+
+    def collate(self, examples: list[dict]) -> dict:
+        ids = [e["input_ids"] for e in examples]
+        return {"input_ids": pad(ids, self.tokenizer.pad_token_id, left=True), "attention_mask": mask_of(ids, left=True)}
+
+    def encode_val(self, row: PreferenceRow) -> dict:
+        encoded = [encode_pair(self.tokenizer, row.prompt, r) for r in row.responses]
+        return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, self.val_max_length)
+
+    def collate_val(self, examples: list[dict]) -> dict:
+        return collate_preferences(examples, self.tokenizer.pad_token_id)

@@ -1,0 +1,560 @@
+"""Stage 3: PPO against a frozen reward model, with a KL penalty to the frozen SFT policy.
+
+One ``training_step`` is one PPO iteration (manual optimization):
+
+1. rollout: sample a response to each prompt of the batch from the current policy;
+2. score: the frozen reward model at the last token of each response (normalised with the stats
+   exported by the reward stage), minus a penalty for responses that never emit EOS;
+3. reward per token: ``-beta * KL_t`` at every token, plus the score at the last one;
+4. GAE over the critic's values, advantages whitened over the global batch;
+5. ``ppo_epochs`` passes over shuffled minibatches of the clipped policy and value losses.
+
+The algorithm itself lives in ``rlhf_lightning.rl`` as pure tensor functions; this module wires
+them to the four models. ``docs/ppo.md`` lists the published implementation details we follow.
+It deliberately leaves out reward-model ensembles, PPO-ptx (pretraining loss mixing) and
+multi-turn rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from rlhf_lightning.lm import (
+    entropy_from_logits,
+    hidden_states,
+    last_token_index,
+    logprobs_from_logits,
+    response_logits,
+    sample,
+    sequence_scores,
+    token_values,
+)
+from rlhf_lightning.models import (
+    LoraOptions,
+    apply_lora,
+    lm_head,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    save_hf,
+    score_head,
+)
+from rlhf_lightning.modules.reward import STATS_FILE
+from rlhf_lightning.rl.gae import gae
+from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf_lightning.rl.losses import masked_mean, policy_loss, value_loss
+from rlhf_lightning.rl.whiten import whiten
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive PPO iterations produced NaN/inf; the last good state was checkpointed."""
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def read_reward_stats(path: str) -> dict | None:
+    """The reward normalisation stats stored beside a reward-model export, if any."""
+    file = Path(path) / STATS_FILE
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+class PPOModule(LightningModule):
+    """PPO for language models, one rollout + optimization per ``training_step``.
+
+    Args:
+        policy: The model to optimise, initialised from the SFT export (any causal LM name works).
+        reward_model: The frozen reward model: the reward stage's export.
+        reference: The frozen KL anchor. ``None``: the policy's starting weights (the disabled LoRA
+            adapter when ``lora`` is set, else a frozen copy).
+        critic: Initial value model. ``None``: the reward model (Huang et al. 2024).
+        share_critic_backbone: Put the value head on the policy's backbone instead of a separate
+            critic model (one model fewer in memory; the value loss then also moves the policy).
+        max_new_tokens: Longest response in tokens.
+        temperature: Sampling temperature; log-probs for the PPO ratio use the same temperature.
+        top_k: Sample among the k most likely tokens (0: all).
+        top_p: Nucleus sampling threshold (1.0: off).
+        normalize_reward: Standardise scores with the mean/std stored by the reward stage.
+        missing_eos_penalty: Subtracted from the score of responses that never emit EOS (``None``: off).
+        kl_coef: Initial KL coefficient beta.
+        kl_estimator: Per-token KL estimator in the reward: ``k1`` (log-ratio) or ``k3`` (non-negative).
+        target_kl: Adapt beta toward this KL per response (Ziegler et al. 2019); ``None``: fixed beta.
+        kl_horizon: Horizon (in episodes) of the adaptive controller.
+        gamma: Discount factor of GAE.
+        lam: GAE lambda.
+        whiten_rewards: Whiten the per-token rewards before GAE (mean kept).
+        ppo_epochs: Passes over each rollout batch.
+        minibatch_size: Episodes per optimizer step; must divide the rollout batch (``data.batch_size``).
+        clip_range: Policy ratio clip epsilon.
+        clip_range_value: Value clip epsilon.
+        vf_coef: Weight of the value loss.
+        learning_rate: Policy learning rate (AdamW).
+        critic_learning_rate: Critic / value head learning rate (``None``: same as the policy).
+        adam_eps: AdamW epsilon (1e-5, as in the original PPO implementations).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient norm clip (``None``: off).
+        lr_scheduler: Learning-rate schedule over the PPO iterations.
+        lora: Train LoRA adapters on the policy instead of every weight (``None``: full fine-tuning).
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        max_nonfinite_rollouts: Consecutive iterations with NaN/inf that stop the run (each one is skipped).
+        seed: Seed of the rollout sampling and minibatch order (offset by rank and iteration, so a
+            resumed run continues the same streams).
+        export_dir: Where the policy is exported in Hugging Face format at the end of ``fit``.
+        trust_remote_code: Allow hub models to run their own code (off: only for repos you trust).
+    """
+
+    def __init__(
+        self,
+        policy: str = "runs/sft/export",
+        reward_model: str = "runs/reward/export",
+        reference: str | None = None,
+        critic: str | None = None,
+        share_critic_backbone: bool = False,
+        max_new_tokens: int = 32,
+        temperature: float = 0.7,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        normalize_reward: bool = True,
+        missing_eos_penalty: float | None = None,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_rewards: bool = False,
+        ppo_epochs: int = 4,
+        minibatch_size: int = 4,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        learning_rate: float = 3e-6,
+        critic_learning_rate: float | None = None,
+        adam_eps: float = 1e-5,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        lr_scheduler: Literal["linear", "constant"] = "linear",
+        lora: LoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_rollouts: int = 3,
+        seed: int = 0,
+        export_dir: str | None = "runs/ppo/export",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}")
+        if kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        lora = LoraOptions.of(lora)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = asdict(lora) if lora else None
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen models are re-loaded from their names, not checkpointed
+
+        self.tokenizer = load_tokenizer(policy, trust_remote_code)
+        self.policy = load_causal_lm(policy, trust_remote_code)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = None
+        if lora is not None:
+            self.policy = apply_lora(self.policy, lora, "CAUSAL_LM")
+        if reference is not None or lora is None:
+            self.reference = _freeze(load_causal_lm(reference or policy, trust_remote_code))
+        pad = self.tokenizer.pad_token_id
+        self.reward_model = _freeze(load_reward_model(reward_model, trust_remote_code, pad_token_id=pad))
+        self.reward_stats = read_reward_stats(reward_model) if normalize_reward else None
+        if share_critic_backbone:
+            self.critic = None
+            self.value_head = self._value_head_from_reward_model()
+        else:
+            self.critic = load_reward_model(critic or reward_model, trust_remote_code, pad_token_id=pad)
+            self.value_head = None
+        self._check_vocabularies()
+        if target_kl is None:
+            self.kl_controller = FixedKLController(kl_coef)
+        else:
+            self.kl_controller = AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+        self.rollouts = 0  # PPO iterations done; global_step counts optimizer steps instead
+        self.episodes = 0
+        self.nonfinite_rollouts = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+        self.last_rollout: dict | None = None  # for the sample-table callback
+        self.train()
+
+    def train(self, mode: bool = True) -> PPOModule:
+        """Frozen models stay in eval mode whatever the trainer asks."""
+        super().train(mode)
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _value_head_from_reward_model(self) -> nn.Linear:
+        hidden = self.policy.config.hidden_size
+        head = nn.Linear(hidden, 1)
+        source = score_head(self.reward_model)
+        with torch.no_grad():
+            if source.weight.shape[-1] == hidden:
+                head.weight.copy_(source.weight)
+                head.bias.copy_(source.bias if source.bias is not None else torch.zeros(1))
+            else:
+                nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+                nn.init.zeros_(head.bias)
+        return head
+
+    def _check_vocabularies(self) -> None:
+        sizes = {"policy": self.policy.get_input_embeddings().num_embeddings}
+        for role, model in (("reward model", self.reward_model), ("critic", self.critic), ("reference", self.reference)):
+            if model is not None:
+                sizes[role] = model.get_input_embeddings().num_embeddings
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"PPO needs one tokenizer for all models; vocabulary sizes differ: {sizes}")
+
+    @contextmanager
+    def _reference_model(self):
+        """The reference policy: a frozen model, or the policy with its LoRA adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            return
+        mb, world = self.hparams.minibatch_size, self.trainer.world_size
+        if mb < 1 or batch_size % mb:
+            raise ValueError(
+                f"each PPO iteration samples data.batch_size={batch_size} responses per device and splits them "
+                f"into minibatches of model.minibatch_size={mb}; {batch_size} is not a multiple of {mb}. "
+                f"Pick a minibatch size that divides {batch_size}."
+            )
+        steps = self.hparams.ppo_epochs * batch_size // mb
+        rank_zero_info(
+            f"PPO iteration: {batch_size} prompts/device x {world} device(s) = {batch_size * world} episodes; "
+            f"{self.hparams.ppo_epochs} epochs x {batch_size // mb} minibatches of {mb} = {steps} optimizer steps"
+        )
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        h = self.hparams
+        critic_params = list((self.value_head or self.critic).parameters())
+        groups = [
+            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.learning_rate},
+            {"params": critic_params, "lr": h.critic_learning_rate or h.learning_rate},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, eps=h.adam_eps, weight_decay=h.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        name = "constant" if h.lr_scheduler == "constant" else "linear"
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = ("reference.", "reward_model.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["ppo_state"] = {
+            "rollouts": self.rollouts,
+            "episodes": self.episodes,
+            "nonfinite_rollouts": self.nonfinite_rollouts,
+            "kl_controller": self.kl_controller.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state", {})
+        self.rollouts = state.get("rollouts", 0)
+        self.episodes = state.get("episodes", 0)
+        self.nonfinite_rollouts = state.get("nonfinite_rollouts", 0)
+        if "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            path = save_hf(self.policy, self.tokenizer, self.hparams.export_dir)
+            rank_zero_info(f"exported the PPO policy in Hugging Face format to {path}")
+
+    # -- the algorithm ---------------------------------------------------------------------------
+    def policy_and_values(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Policy logits and critic values for the tokens from ``start`` on."""
+        if self.value_head is not None:
+            hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
+            return lm_head(self.policy)(hidden), self.value_head(hidden).squeeze(-1)
+        logits = response_logits(self.policy, input_ids, attention_mask, start)
+        return logits, token_values(self.critic, input_ids, attention_mask, start)
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        if self.trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _rng_context(self):
+        """Sampling and shuffling draw from a stream fixed by (seed, rank, iteration): resumable and per-rank."""
+        rank = self.global_rank if self._trainer is not None else 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        context = torch.random.fork_rng(devices=devices)
+        seed = self.hparams.seed * 1_000_003 + rank * 7_919 + self.rollouts
+        return context, seed
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, Tensor]:
+        """The reward model's raw and final (normalised, EOS-penalised) scores of each episode."""
+        raw = sequence_scores(self.reward_model, input_ids, attention_mask).float()
+        scores = raw
+        if self.reward_stats is not None:
+            scores = (scores - self.reward_stats["mean"]) / self.reward_stats["std"]
+        if self.hparams.missing_eos_penalty is not None:
+            has_eos = (responses == self.tokenizer.eos_token_id).any(-1)
+            scores = scores - self.hparams.missing_eos_penalty * (~has_eos).float()
+        return raw, scores
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        """Sample responses and compute everything PPO needs about them (no gradients)."""
+        h = self.hparams
+        prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        start = prompts.shape[1]
+        responses, response_mask = sample(
+            self.policy,
+            prompts,
+            prompt_mask,
+            max_new_tokens=h.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=h.temperature,
+            top_k=h.top_k,
+            top_p=h.top_p,
+        )
+        width = int(response_mask.sum(-1).max())
+        responses, response_mask = responses[:, :width], response_mask[:, :width]
+        input_ids = torch.cat([prompts, responses], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+
+        logits, values = self.policy_and_values(input_ids, attention_mask, start)
+        logprobs = logprobs_from_logits(logits, responses, h.temperature)
+        entropy = entropy_from_logits(logits, h.temperature)
+        del logits
+        with self._reference_model() as reference:
+            ref_logprobs = logprobs_from_logits(
+                response_logits(reference, input_ids, attention_mask, start), responses, h.temperature
+            )
+        raw_scores, scores = self.score(input_ids, attention_mask, responses)
+
+        mask = response_mask
+        kl = kl_estimate(logprobs, ref_logprobs, h.kl_estimator) * mask
+        non_score_reward = -self.kl_controller.value * kl
+        rewards = non_score_reward.clone()
+        last = last_token_index(mask)
+        rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+        if h.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce)
+        values = values.float() * mask
+        advantages, returns = gae(rewards, values, mask, h.gamma, h.lam)
+        advantages = whiten(advantages, mask, all_reduce=self._all_reduce)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "start": start,
+            "responses": responses,
+            "mask": mask,
+            "logprobs": logprobs * mask,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "raw_scores": raw_scores,
+            "scores": scores,
+            "kl": kl,
+            "entropy": entropy * mask,
+            "non_score_reward": non_score_reward,
+        }
+
+    def _minibatch(self, data: dict, idx: Tensor) -> dict:
+        """Rows ``idx`` of a rollout, with all-pad columns trimmed on both sides."""
+        start, mask = data["start"], data["mask"][idx]
+        attention = data["attention_mask"][idx]
+        first = int((attention[:, :start].sum(0) > 0).nonzero()[0]) if start > 0 else 0
+        width = int(mask.sum(-1).max())
+        per_token = ("responses", "mask", "logprobs", "values", "advantages", "returns")
+        out = {k: data[k][idx][:, :width] for k in per_token}
+        out["input_ids"] = data["input_ids"][idx][:, first : start + width]
+        out["attention_mask"] = attention[:, first : start + width]
+        out["start"] = start - first
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rng, seed = self._rng_context()
+        with rng:
+            torch.manual_seed(seed)
+            began = time.perf_counter()
+            data = self.rollout(batch)
+            rollout_time = time.perf_counter() - began
+            finite = all(torch.isfinite(data[k]).all() for k in ("scores", "advantages", "returns", "logprobs"))
+            if not self._guard_nonfinite(bool(finite), "rollout"):
+                self._finish_iteration(data, {}, rollout_time, 0.0, skipped=True)
+                return
+            began = time.perf_counter()
+            stats = self.optimize(data)
+            optimize_time = time.perf_counter() - began
+        self._finish_iteration(data, stats, rollout_time, optimize_time)
+
+    def optimize(self, data: dict) -> dict[str, Tensor]:
+        """``ppo_epochs`` x minibatches of the clipped losses on one rollout; returns averaged statistics."""
+        h = self.hparams
+        optimizer = self.optimizers()
+        n = data["responses"].shape[0]
+        records: dict[str, list[Tensor]] = {}
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        for _ in range(h.ppo_epochs):
+            order = torch.randperm(n)
+            for begin in range(0, n, h.minibatch_size):
+                mb = self._minibatch(data, order[begin : begin + h.minibatch_size].to(self.device))
+                logits, mb_values = self.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
+                new_logprobs = logprobs_from_logits(logits, mb["responses"], h.temperature)
+                pg_loss, pg_stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range)
+                vf_loss, vf_stats = value_loss(
+                    mb_values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
+                )
+                loss = pg_loss + h.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    self._count_nonfinite_step("loss")
+                    continue
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, h.max_grad_norm or float("inf"))
+                if not torch.isfinite(grad_norm):
+                    optimizer.zero_grad()
+                    self._count_nonfinite_step("gradient")
+                    continue
+                optimizer.step()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits, h.temperature), mb["mask"])
+                for key, value in (
+                    ("policy/approxkl_avg", pg_stats["approxkl"]),
+                    ("policy/clipfrac_avg", pg_stats["clipfrac"]),
+                    ("policy/entropy_avg", entropy),
+                    ("loss/policy_avg", pg_loss.detach()),
+                    ("loss/value_avg", vf_loss.detach()),
+                    ("val/clipfrac_avg", vf_stats["clipfrac"]),
+                    ("val/ratio", pg_stats["ratio"]),
+                    ("policy/grad_norm", grad_norm),
+                ):
+                    records.setdefault(key, []).append(value.float())
+        stats = {k: torch.stack(v).mean() for k, v in records.items()}
+        if "val/ratio" in records:
+            stats["val/ratio_var"] = torch.stack(records["val/ratio"]).var(unbiased=False)
+        return stats
+
+    def _count_nonfinite_step(self, what: str) -> None:
+        """A minibatch whose loss or gradient is NaN/inf: its update is skipped and counted."""
+        self.nonfinite_steps += 1
+        self.log("nonfinite/steps_skipped", float(self.nonfinite_steps))
+        rank_zero_info(f"PPO iteration {self.rollouts}: non-finite {what}, minibatch update skipped")
+
+    def _guard_nonfinite(self, finite: bool, what: str) -> bool:
+        """Count a non-finite rollout; stop the run (with a checkpoint) after too many in a row."""
+        if finite:
+            self.consecutive_nonfinite = 0
+            return True
+        self.nonfinite_rollouts += 1
+        self.consecutive_nonfinite += 1
+        if self.consecutive_nonfinite >= self.hparams.max_nonfinite_rollouts:
+            path = Path(self.trainer.default_root_dir) / "nonfinite-last-good.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} consecutive PPO iterations produced NaN/inf in the {what} "
+                f"(iteration {self.rollouts}); the last good state is saved to {path}. Lower the learning rate, "
+                "check the reward model's outputs, or raise model.max_nonfinite_rollouts."
+            )
+        return False
+
+    def _finish_iteration(self, data: dict, stats: dict, rollout_time: float, optimize_time: float, skipped=False):
+        mask = data["mask"]
+        n = mask.shape[0]
+        self.rollouts += 1
+        self.episodes += n * self.trainer.world_size
+        kl_per_episode = data["kl"].sum(-1)
+        mean_kl = float(kl_per_episode.mean()) if not skipped else float("nan")
+        if not skipped:
+            self.kl_controller.update(mean_kl, n * self.trainer.world_size)
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        non_score = data["non_score_reward"].sum(-1)
+        metrics = {
+            "objective/scores": data["scores"].mean(),
+            "objective/raw_scores": data["raw_scores"].mean(),
+            "objective/kl": kl_per_episode.mean(),
+            "objective/entropy": data["entropy"].sum(-1).mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (data["scores"] + non_score).mean(),
+            "objective/kl_coef": torch.tensor(self.kl_controller.value),
+            "objective/response_length": mask.sum(-1).float().mean(),
+            "val/num_eos_tokens": (data["responses"] == self.tokenizer.eos_token_id).sum().float(),
+            "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "episode": torch.tensor(float(self.episodes)),
+            "rollouts": torch.tensor(float(self.rollouts)),
+            "nonfinite/rollouts_skipped": torch.tensor(float(self.nonfinite_rollouts)),
+            "time/rollout_s": torch.tensor(rollout_time),
+            "time/optimize_s": torch.tensor(optimize_time),
+            **stats,
+        }
+        metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
+        sync = {k: v for k, v in metrics.items() if k not in ("episode", "rollouts", "objective/kl_coef", "lr")}
+        self.log_dict(sync, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
+        self.log_dict({k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n)
+        self.last_rollout = {
+            "input_ids": data["input_ids"].detach(),
+            "start": data["start"],
+            "mask": mask,
+            "scores": data["raw_scores"],
+        }
+
+    # -- validation: preference accuracy on held-out pairs ---------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct = {"reward_model": [], "policy": []}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Preference accuracy of the reward model and of the policy's implicit reward on held-out pairs.
+
+        The policy's implicit reward is ``log pi(y|x) - log pi_ref(y|x)`` (Rafailov et al. 2023): it tells
+        whether PPO moved the policy toward the responses people prefer.
+        """
+        ids, mask, pairs = batch["input_ids"], batch["attention_mask"], batch["pairs"]
+        rewards = sequence_scores(self.reward_model, ids, mask).float()
+        implicit = self._sequence_logprob(self.policy, batch)
+        with self._reference_model() as reference:
+            implicit = implicit - self._sequence_logprob(reference, batch)
+        for name, r in (("reward_model", rewards), ("policy", implicit)):
+            self._val_correct[name].append((r[pairs[:, 0]] > r[pairs[:, 1]]).float())
+
+    def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = response_logits(model, ids, mask, 1)
+        logprobs = logprobs_from_logits(logits, ids[:, 1:], self.hparams.temperature)
+        positions = torch.arange(1, ids.shape[1], device=ids.device)
+        in_response = (positions[None, :] >= batch["prompt_lengths"][:, None]) & mask[:, 1:].bool()
+        return (logprobs * in_response).sum(-1)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, values in self._val_correct.items():
+            if values:
+                self.log(f"eval/{name}_preference_accuracy", torch.cat(values).mean(), sync_dist=True)

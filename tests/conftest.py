@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny tokenizer, data files written under ``tmp_path``, TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIGS = REPO_ROOT / "configs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlhf_lightning.models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """``write_jsonl(rows, name="data.jsonl") -> Path``: one JSON object per line under ``tmp_path``."""
+
+    def write(rows: list, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def read_scalars():
+    """``read_scalars(log_dir) -> {tag: [(step, value), ...]}`` from the one TensorBoard event file there."""
+
+    def read(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+        assert len(files) == 1, f"expected one event file under {log_dir}, found {files}"
+        acc = EventAccumulator(str(files[0]))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    return read
