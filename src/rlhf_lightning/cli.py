@@ -42,7 +42,15 @@ class StageCLI(LightningCLI):
 
 
 class PPOCLI(StageCLI):
+    """The PPO stage: the tokenizer follows the policy, and rollout samples go to TensorBoard by default."""
+
     model_key = "policy"
+
+    def __init__(self, *args, **kwargs):
+        from rlhf_lightning.callbacks import RolloutSamples
+
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RolloutSamples()], "log_every_n_steps": 1})
+        super().__init__(*args, **kwargs)
 
 
 def stage_classes(stage: str):

@@ -24,7 +24,10 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The backbone's last hidden states, ``(batch, time, hidden)``."""
     out = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
     )
     return out.last_hidden_state
 

@@ -104,7 +104,9 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # A GGUF-loaded model keeps a quantization_config and refuses save_pretrained; a fresh model
         # from the same config (without it) holding the dequantised weights saves normally.
         config = quantised.config
@@ -135,7 +137,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=4096)
     tokenizer.add_special_tokens(
-        {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}
+        {
+            "pad_token": "<|endoftext|>",
+            "eos_token": "<|im_end|>",
+            "additional_special_tokens": ["<|im_start|>"],
+        }
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
@@ -232,7 +238,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def _tiny_model(name: str, head: str, seed: int = 0) -> PreTrainedModel:
     tokenizer = tiny_tokenizer()
-    config = tiny_config(name[len(TINY_PREFIX) :], len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    config = tiny_config(
+        name[len(TINY_PREFIX) :], len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if head == "causal":
@@ -241,7 +249,9 @@ def _tiny_model(name: str, head: str, seed: int = 0) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(
+    name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A causal LM by name, in fp32 by default, with dropout off and the pad token id set."""
     resolved = resolve(name)
     if resolved.startswith(TINY_PREFIX):
@@ -254,7 +264,10 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: torch.dtyp
 
 
 def load_reward_model(
-    name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, pad_token_id: int | None = None
+    name: str,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    pad_token_id: int | None = None,
 ) -> PreTrainedModel:
     """A sequence classifier with one output (a scalar reward) by name.
 
@@ -342,7 +355,9 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions, task: str) -> nn.Mo
     return get_peft_model(model, config)
 
 
-def save_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path, extra: dict | None = None):
+def save_hf(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path, extra: dict | None = None
+):
     """Export ``model`` (LoRA merged) and tokenizer in Hugging Face format, atomically.
 
     ``extra`` maps file names to JSON-serialisable objects written beside the weights.

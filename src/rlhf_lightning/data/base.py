@@ -138,7 +138,9 @@ class TextDataModule(LightningDataModule):
         else:
             val_rows = []
         self.train_data = self._encode_all(train_rows, self.train_source, self.encode)
-        self.val_data = self._encode_all(val_rows, self.val_source or "val split", self.encode_val) if val_rows else []
+        self.val_data = (
+            self._encode_all(val_rows, self.val_source or "val split", self.encode_val) if val_rows else []
+        )
         if self.skipped:
             detail = ", ".join(f"{n} × {reason}" for reason, n in sorted(self.skipped.items()))
             rank_zero_warn(f"{type(self).__name__}: skipped rows: {detail}")

@@ -110,7 +110,9 @@ def _response(value: Any, field: str, where: str) -> str:
             raise _fail(where, f"field {field!r} must hold exactly one assistant message")
         value = messages[0]["content"]
     if not isinstance(value, str):
-        raise _fail(where, f"field {field!r} must be a string or an assistant message, got {type(value).__name__}")
+        raise _fail(
+            where, f"field {field!r} must be a string or an assistant message, got {type(value).__name__}"
+        )
     if not value.strip():
         raise _fail(where, f"field {field!r} is empty")
     return value
@@ -120,7 +122,9 @@ def parse_hh(transcript: str, where: str, field: str = "text") -> list[Message]:
     """Split an Anthropic-HH transcript into user/assistant messages."""
     parts = _HH_TURN.split("\n\n" + transcript.lstrip("\n"))
     if len(parts) < 3 or parts[0].strip():
-        raise _fail(where, f"field {field!r} is not an HH transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+        raise _fail(
+            where, f"field {field!r} is not an HH transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')"
+        )
     roles = {"Human": "user", "Assistant": "assistant"}
     return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
 
@@ -131,7 +135,9 @@ def _is_hh(text: str) -> bool:
 
 def _split_last_assistant(messages: list[Message], field: str, where: str) -> tuple[list[Message], str]:
     if messages[-1]["role"] != "assistant":
-        raise _fail(where, f"the last message of {field!r} must be the assistant's, got {messages[-1]['role']!r}")
+        raise _fail(
+            where, f"the last message of {field!r} must be the assistant's, got {messages[-1]['role']!r}"
+        )
     if not messages[-1]["content"].strip():
         raise _fail(where, f"the assistant's last message in {field!r} is empty")
     if len(messages) < 2:
@@ -151,7 +157,9 @@ def to_sft_row(record: Any, where: str) -> SFTRow:
     if "prompt" in record and "completion" in record:
         return SFTRow(_prompt(record, "prompt", where), _response(record["completion"], "completion", where))
     if "messages" in record:
-        prompt, completion = _split_last_assistant(_messages(record["messages"], "messages", where), "messages", where)
+        prompt, completion = _split_last_assistant(
+            _messages(record["messages"], "messages", where), "messages", where
+        )
         return SFTRow(prompt, completion)
     if "text" in record:
         text = _text(record, "text", where)
@@ -182,11 +190,16 @@ def _implicit(record: dict, where: str) -> tuple[Prompt, str, str]:
             )
         chosen_msgs, rejected_msgs = parse_hh(chosen, where, "chosen"), parse_hh(rejected, where, "rejected")
     else:
-        chosen_msgs, rejected_msgs = _messages(chosen, "chosen", where), _messages(rejected, "rejected", where)
+        chosen_msgs, rejected_msgs = (
+            _messages(chosen, "chosen", where),
+            _messages(rejected, "rejected", where),
+        )
     prompt, chosen_text = _split_last_assistant(chosen_msgs, "chosen", where)
     rejected_prompt, rejected_text = _split_last_assistant(rejected_msgs, "rejected", where)
     if prompt != rejected_prompt:
-        raise _fail(where, "'chosen' and 'rejected' do not share the same conversation before the last answer")
+        raise _fail(
+            where, "'chosen' and 'rejected' do not share the same conversation before the last answer"
+        )
     return prompt, chosen_text, rejected_text
 
 
@@ -201,7 +214,9 @@ def _ranked(record: dict, where: str) -> list[str]:
     if ranks is None:
         return texts
     if not isinstance(ranks, list) or len(ranks) != len(texts):
-        raise _fail(where, f"field 'ranks' must be a list of {len(texts)} integers (1 = best), one per response")
+        raise _fail(
+            where, f"field 'ranks' must be a list of {len(texts)} integers (1 = best), one per response"
+        )
     if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
         raise _fail(where, "field 'ranks' must hold integers (1 = best)")
     if len(set(ranks)) != len(ranks):
@@ -219,13 +234,18 @@ def to_preference_row(record: Any, where: str) -> PreferenceRow:
     elif "chosen" in record and "rejected" in record:
         if "prompt" in record:
             prompt = _prompt(record, "prompt", where)
-            responses = [_response(record["chosen"], "chosen", where), _response(record["rejected"], "rejected", where)]
+            responses = [
+                _response(record["chosen"], "chosen", where),
+                _response(record["rejected"], "rejected", where),
+            ]
         else:
             prompt, chosen, rejected = _implicit(record, where)
             responses = [chosen, rejected]
     else:
         missing = "rejected" if "chosen" in record else "chosen"
-        raise _fail(where, f"no {missing!r} field (has {sorted(record)}); expected one of: {PREFERENCE_FORMATS}")
+        raise _fail(
+            where, f"no {missing!r} field (has {sorted(record)}); expected one of: {PREFERENCE_FORMATS}"
+        )
     if len({r.strip() for r in responses}) < len(responses):
         raise SkipRow("identical responses")
     return PreferenceRow(prompt, responses, _margin(record, where))

@@ -16,7 +16,9 @@ from rlhf_lightning.data.render import encode_pair
 from rlhf_lightning.rl.ranking import all_pairs
 
 
-def preference_example(prompt_ids: list[int], response_ids: list[list[int]], margin: float | None, max_length: int) -> dict:
+def preference_example(
+    prompt_ids: list[int], response_ids: list[list[int]], margin: float | None, max_length: int
+) -> dict:
     """Encoded sequences (prompt + each response, truncated to ``max_length``) of one ranking.
 
     Skipped (and counted): a prompt that leaves no room for a response, and responses that become
@@ -81,4 +83,3 @@ class PreferenceDataModule(TextDataModule):
 
     def example_length(self, example: dict) -> int:
         return sum(len(s) for s in example["sequences"])
-

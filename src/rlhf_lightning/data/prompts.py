@@ -44,7 +44,10 @@ class PromptDataModule(TextDataModule):
 
     def collate(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
-        return {"input_ids": pad(ids, self.tokenizer.pad_token_id, left=True), "attention_mask": mask_of(ids, left=True)}
+        return {
+            "input_ids": pad(ids, self.tokenizer.pad_token_id, left=True),
+            "attention_mask": mask_of(ids, left=True),
+        }
 
     def encode_val(self, row: PreferenceRow) -> dict:
         encoded = [encode_pair(self.tokenizer, row.prompt, r) for r in row.responses]

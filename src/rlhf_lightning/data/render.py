@@ -42,6 +42,10 @@ def completion_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completi
     return text[: end + len(eos)] if end >= 0 else text + eos
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str
+) -> tuple[list[int], list[int]]:
     """Prompt ids and completion ids, encoded separately so the boundary is exact."""
-    return encode(tokenizer, prompt_text(tokenizer, prompt)), encode(tokenizer, completion_text(tokenizer, prompt, completion))
+    return encode(tokenizer, prompt_text(tokenizer, prompt)), encode(
+        tokenizer, completion_text(tokenizer, prompt, completion)
+    )

@@ -47,4 +47,3 @@ class SFTDataModule(TextDataModule):
             "attention_mask": mask_of(ids),
             "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
         }
-

@@ -47,7 +47,9 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise DataSourceError(f"{path} line {line}: not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start})") from err
+        raise DataSourceError(
+            f"{path} line {line}: not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start})"
+        ) from err
 
 
 def _jsonl(path: Path) -> Iterator[tuple[Any, str]]:
@@ -57,7 +59,9 @@ def _jsonl(path: Path) -> Iterator[tuple[Any, str]]:
         try:
             yield json.loads(line), f"{path.name} row {number}"
         except json.JSONDecodeError as err:
-            raise DataSourceError(f"{path} row {number}: invalid JSON ({err.msg} at column {err.colno})") from err
+            raise DataSourceError(
+                f"{path} row {number}: invalid JSON ({err.msg} at column {err.colno})"
+            ) from err
 
 
 def _json(path: Path) -> Iterator[tuple[Any, str]]:
@@ -132,7 +136,9 @@ def read_records(source: str, split: str = "train") -> list[tuple[Any, str]]:
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             records = list(_from_disk(path, split))
         else:
-            raise DataSourceError(f"{path} is a directory but not a saved `datasets` dataset (no dataset_info.json)")
+            raise DataSourceError(
+                f"{path} is a directory but not a saved `datasets` dataset (no dataset_info.json)"
+            )
     elif path.exists():
         readers: dict[str, Callable[[Path], Iterator]] = {
             ".jsonl": _jsonl,
@@ -141,7 +147,9 @@ def read_records(source: str, split: str = "train") -> list[tuple[Any, str]]:
             ".parquet": _parquet,
         }
         if path.suffix not in readers:
-            raise DataSourceError(f"{path}: unknown file type {path.suffix!r}; expected one of {FILE_SUFFIXES}")
+            raise DataSourceError(
+                f"{path}: unknown file type {path.suffix!r}; expected one of {FILE_SUFFIXES}"
+            )
         records = list(readers[path.suffix](path))
     elif path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataSourceError(f"data file {source!r} does not exist")

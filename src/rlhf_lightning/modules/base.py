@@ -83,13 +83,23 @@ class FinetuneModule(LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=self.hparams.learning_rate,
             eps=self.hparams.adam_eps,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        name = "constant_with_warmup" if self.hparams.lr_scheduler == "constant" else self.hparams.lr_scheduler
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total), num_training_steps=total)
+        name = (
+            "constant_with_warmup" if self.hparams.lr_scheduler == "constant" else self.hparams.lr_scheduler
+        )
+        scheduler = get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total),
+            num_training_steps=total,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_end(self) -> None:

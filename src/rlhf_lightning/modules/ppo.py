@@ -156,7 +156,9 @@ class PPOModule(LightningModule):
     ):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}")
+            raise ValueError(
+                f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
+            )
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         lora = LoraOptions.of(lora)
@@ -220,7 +222,11 @@ class PPOModule(LightningModule):
 
     def _check_vocabularies(self) -> None:
         sizes = {"policy": self.policy.get_input_embeddings().num_embeddings}
-        for role, model in (("reward model", self.reward_model), ("critic", self.critic), ("reference", self.reference)):
+        for role, model in (
+            ("reward model", self.reward_model),
+            ("critic", self.critic),
+            ("reference", self.reference),
+        ):
             if model is not None:
                 sizes[role] = model.get_input_embeddings().num_embeddings
         if len(set(sizes.values())) > 1:
@@ -272,7 +278,9 @@ class PPOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = ("reference.", "reward_model.")
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
+        }
         checkpoint["ppo_state"] = {
             "rollouts": self.rollouts,
             "episodes": self.episodes,
@@ -294,7 +302,9 @@ class PPOModule(LightningModule):
             rank_zero_info(f"exported the PPO policy in Hugging Face format to {path}")
 
     # -- the algorithm ---------------------------------------------------------------------------
-    def policy_and_values(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def policy_and_values(
+        self, input_ids: Tensor, attention_mask: Tensor, start: int
+    ) -> tuple[Tensor, Tensor]:
         """Policy logits and critic values for the tokens from ``start`` on."""
         if self.value_head is not None:
             hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
@@ -406,7 +416,9 @@ class PPOModule(LightningModule):
             began = time.perf_counter()
             data = self.rollout(batch)
             rollout_time = time.perf_counter() - began
-            finite = all(torch.isfinite(data[k]).all() for k in ("scores", "advantages", "returns", "logprobs"))
+            finite = all(
+                torch.isfinite(data[k]).all() for k in ("scores", "advantages", "returns", "logprobs")
+            )
             if not self._guard_nonfinite(bool(finite), "rollout"):
                 self._finish_iteration(data, {}, rollout_time, 0.0, skipped=True)
                 return
@@ -428,7 +440,9 @@ class PPOModule(LightningModule):
                 mb = self._minibatch(data, order[begin : begin + h.minibatch_size].to(self.device))
                 logits, mb_values = self.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
                 new_logprobs = logprobs_from_logits(logits, mb["responses"], h.temperature)
-                pg_loss, pg_stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range)
+                pg_loss, pg_stats = policy_loss(
+                    new_logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range
+                )
                 vf_loss, vf_stats = value_loss(
                     mb_values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
                 )
@@ -485,7 +499,9 @@ class PPOModule(LightningModule):
             )
         return False
 
-    def _finish_iteration(self, data: dict, stats: dict, rollout_time: float, optimize_time: float, skipped=False):
+    def _finish_iteration(
+        self, data: dict, stats: dict, rollout_time: float, optimize_time: float, skipped=False
+    ):
         mask = data["mask"]
         n = mask.shape[0]
         self.rollouts += 1
@@ -517,9 +533,13 @@ class PPOModule(LightningModule):
             **stats,
         }
         metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
-        sync = {k: v for k, v in metrics.items() if k not in ("episode", "rollouts", "objective/kl_coef", "lr")}
+        sync = {
+            k: v for k, v in metrics.items() if k not in ("episode", "rollouts", "objective/kl_coef", "lr")
+        }
         self.log_dict(sync, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
-        self.log_dict({k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n)
+        self.log_dict(
+            {k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n
+        )
         self.last_rollout = {
             "input_ids": data["input_ids"].detach(),
             "start": data["start"],

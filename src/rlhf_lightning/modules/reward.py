@@ -102,8 +102,15 @@ class RewardModule(FinetuneModule):
         self.log("val/rewards_rejected", rejected)
         self.log("val/margin", chosen - rejected)
         self.log("val/length_correlation", self.val_length_corr.compute())
-        for metric in (self.val_loss, self.val_accuracy, self.val_chosen, self.val_rejected, self.val_reward,
-                       self.val_reward_sq, self.val_length_corr):
+        for metric in (
+            self.val_loss,
+            self.val_accuracy,
+            self.val_chosen,
+            self.val_rejected,
+            self.val_reward,
+            self.val_reward_sq,
+            self.val_length_corr,
+        ):
             metric.reset()
 
     @torch.no_grad()
@@ -113,7 +120,11 @@ class RewardModule(FinetuneModule):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             rewards.append(self(batch["input_ids"], batch["attention_mask"]).float())
         r = torch.cat(rewards)
-        return {"mean": float(r.mean()), "std": float(r.std(unbiased=False).clamp(min=1e-4)), "source": "train"}
+        return {
+            "mean": float(r.mean()),
+            "std": float(r.std(unbiased=False).clamp(min=1e-4)),
+            "source": "train",
+        }
 
     def export_extras(self) -> dict:
         stats = self.reward_stats

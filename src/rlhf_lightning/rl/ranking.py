@@ -24,7 +24,9 @@ def ranking_loss(rewards: Tensor, pairs: Tensor, groups: Tensor, margins: Tensor
     ``rewards``; ``groups``: ``(P,)`` the prompt each pair belongs to (0..G-1). Averaging inside a prompt
     first keeps a K=9 ranking from weighing 36 times a pair (Ouyang et al. 2022, section 3.5).
     """
-    per_pair = bradley_terry_loss(rewards[pairs[:, 0]], rewards[pairs[:, 1]], 0.0 if margins is None else margins)
+    per_pair = bradley_terry_loss(
+        rewards[pairs[:, 0]], rewards[pairs[:, 1]], 0.0 if margins is None else margins
+    )
     n_groups = int(groups.max()) + 1
     sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, groups, per_pair)
     counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)

@@ -21,7 +21,9 @@ def masked_moments(values: Tensor, mask: Tensor, all_reduce=None) -> tuple[Tenso
     return mean, (sums[1] / count - mean.pow(2)).clamp(min=0)
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce=None, eps: float = 1e-8) -> Tensor:
+def whiten(
+    values: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce=None, eps: float = 1e-8
+) -> Tensor:
     """``(x - mean) / std`` over masked positions; ``shift_mean=False`` keeps the mean (for rewards)."""
     mean, var = masked_moments(values, mask, all_reduce)
     out = (values - mean) * torch.rsqrt(var + eps)

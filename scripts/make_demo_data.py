@@ -1,0 +1,46 @@
+"""Remake the bundled demo data (src/rlhf_lightning/data/bundled) with the bundled model.
+
+python scripts/make_demo_data.py                      # the shipped files (about 8 minutes on 2 cores)
+python scripts/make_demo_data.py --model tiny:llama --n-prompts 20 --n-eval 5 --out /tmp/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from rlhf_lightning.data.sources import BUNDLED_DIR
+from rlhf_lightning.demo_data import make_demo_data
+from rlhf_lightning.models import DEFAULT_MODEL
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(BUNDLED_DIR), help="output directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model that samples the responses")
+    parser.add_argument("--n-prompts", type=int, default=200, help="prompts in total")
+    parser.add_argument("--n-eval", type=int, default=50, help="held-out evaluation prompts among them")
+    parser.add_argument("--k", type=int, default=4, help="responses sampled per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    command = "python scripts/make_demo_data.py " + shlex.join(sys.argv[1:])
+    manifest = make_demo_data(
+        args.out,
+        model=args.model,
+        n_prompts=args.n_prompts,
+        n_eval=args.n_eval,
+        k=args.k,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        command=command.strip(),
+    )
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

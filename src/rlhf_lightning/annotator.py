@@ -1,0 +1,229 @@
+"""A simulated annotator: the "contractors" of the offline RLHF recipe.
+
+Real RLHF hires people to rank responses. Offline, a transparent rubric stands in for them, so every
+claim about the pipeline (the reward model learned the preference, PPO improved on SFT, the proxy
+was gamed) can be checked against a gold score:
+
+* warmth   - VADER sentiment of the response (Hutto & Gilbert 2014), credited only up to a cap:
+             a friendly tone helps, gushing does not help more;
+* on topic - share of the prompt's content words that the response uses;
+* concise  - full credit up to ``max_words`` words, then a linear decay; a near-empty answer gets none;
+* finished - the response ended with EOS instead of running out of tokens;
+* fresh    - share of distinct word bigrams (repetition is penalised).
+
+Labels come from a Bradley-Terry draw, ``P(a > b) = sigmoid((g_a - g_b) / temperature)``, with the
+temperature calibrated so the annotator agrees with its own noise-free ranking as often as
+InstructGPT's labelers agreed with each other (~73%, Ouyang et al. 2022). The rubric is exploitable
+the known way: a proxy reward model that learns "positive words are good" can be gamed by stuffing
+sentiment words, which the capped warmth term does not pay for and the repetition and on-topic terms
+punish, so the proxy rises while the gold score falls.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+INSTRUCTGPT_AGREEMENT = 0.73
+_WORD = re.compile(r"[a-z']+")
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "if",
+        "of",
+        "to",
+        "in",
+        "on",
+        "for",
+        "with",
+        "about",
+        "as",
+        "at",
+        "by",
+        "from",
+        "into",
+        "over",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "i",
+        "you",
+        "he",
+        "she",
+        "we",
+        "they",
+        "me",
+        "my",
+        "your",
+        "our",
+        "their",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "why",
+        "when",
+        "where",
+        "can",
+        "could",
+        "should",
+        "would",
+        "will",
+        "shall",
+        "may",
+        "might",
+        "do",
+        "does",
+        "did",
+        "give",
+        "tell",
+        "write",
+        "make",
+        "explain",
+        "some",
+        "any",
+        "me",
+        "please",
+        "short",
+        "simple",
+        "three",
+        "few",
+        "one",
+        "two",
+        "using",
+        "like",
+    ]
+)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text``."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """Weights of the gold score and the knobs of its terms."""
+
+    warmth: float = 1.0
+    warmth_cap: float = 0.5
+    on_topic: float = 1.5
+    concise: float = 0.5
+    max_words: int = 40
+    finished: float = 1.0
+    fresh: float = 1.0
+
+
+class SimulatedAnnotator:
+    """Scores (prompt, response) pairs with a rubric and labels comparisons with calibrated noise.
+
+    Args:
+        temperature: Bradley-Terry noise temperature of the labels (see :func:`calibrate_temperature`).
+        rubric: Weights of the gold score.
+    """
+
+    def __init__(self, temperature: float = 0.3, rubric: Rubric | None = None):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.temperature = temperature
+        self.rubric = rubric or Rubric()
+        self._vader = SentimentIntensityAnalyzer()
+
+    def components(self, prompt: str, response: str, finished: bool = True) -> dict[str, float]:
+        """Each rubric term in [0, 1] (warmth in [-1, cap])."""
+        r = self.rubric
+        tokens = words(response)
+        compound = self._vader.polarity_scores(response)["compound"]
+        topic = {w for w in words(prompt) if len(w) > 3 and w not in _STOPWORDS}
+        on_topic = len(topic & set(tokens)) / len(topic) if topic else 1.0
+        n = len(tokens)
+        concise = (
+            0.0
+            if n < 3
+            else 1.0
+            if n <= r.max_words
+            else max(0.0, 1.0 - (n - r.max_words) / (1.5 * r.max_words))
+        )
+        bigrams = list(zip(tokens, tokens[1:]))
+        fresh = len(set(bigrams)) / len(bigrams) if bigrams else (1.0 if tokens else 0.0)
+        return {
+            "warmth": min(compound, r.warmth_cap),
+            "on_topic": on_topic,
+            "concise": concise,
+            "finished": 1.0 if finished else 0.0,
+            "fresh": fresh,
+        }
+
+    def score(self, prompt: str, response: str, finished: bool = True) -> float:
+        """The gold score: the rubric's weighted sum."""
+        c = self.components(prompt, response, finished)
+        r = self.rubric
+        return (
+            r.warmth * c["warmth"]
+            + r.on_topic * c["on_topic"]
+            + r.concise * c["concise"]
+            + r.finished * c["finished"]
+            + r.fresh * c["fresh"]
+        )
+
+    def prefer_probability(self, gold_a: float, gold_b: float) -> float:
+        """Bradley-Terry probability that the annotator labels ``a`` better than ``b``."""
+        return 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / self.temperature))
+
+    def compare(self, gold_a: float, gold_b: float, rng: random.Random) -> bool:
+        """One noisy label: ``True`` if ``a`` is preferred."""
+        return rng.random() < self.prefer_probability(gold_a, gold_b)
+
+    def rank(self, golds: Sequence[float], rng: random.Random) -> list[int]:
+        """A noisy ranking (indices, best first): Plackett-Luce draws, whose pairwise marginals are Bradley-Terry."""
+        remaining = list(range(len(golds)))
+        order = []
+        while remaining:
+            weights = [math.exp(golds[i] / self.temperature) for i in remaining]
+            pick = rng.choices(remaining, weights=weights)[0]
+            order.append(pick)
+            remaining.remove(pick)
+        return order
+
+
+def expected_agreement(gaps: Sequence[float], temperature: float) -> float:
+    """Mean probability that a noisy label matches the noise-free one, over pairs with gold gaps ``gaps``.
+
+    Tied pairs have no noise-free label and are left out.
+    """
+    gaps = [g for g in gaps if g != 0]
+    return sum(1.0 / (1.0 + math.exp(-abs(g) / temperature)) for g in gaps) / len(gaps)
+
+
+def calibrate_temperature(gaps: Sequence[float], target: float = INSTRUCTGPT_AGREEMENT) -> float:
+    """The temperature at which labels agree with the noise-free ranking ``target`` of the time (bisection)."""
+    gaps = [g for g in gaps if g != 0]
+    if not gaps:
+        raise ValueError("cannot calibrate the annotator: every pair has the same gold score")
+    low, high = 1e-4, 1e4
+    for _ in range(200):
+        mid = math.sqrt(low * high)
+        if expected_agreement(gaps, mid) > target:
+            low = mid
+        else:
+            high = mid
+    return math.sqrt(low * high)

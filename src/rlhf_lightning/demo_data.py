@@ -1,0 +1,301 @@
+"""The bundled demo data, made by the project's own code: the InstructGPT data recipe, offline.
+
+For each prompt the base model samples K responses; the simulated annotator ranks them. From that:
+
+* ``sft_train`` / ``sft_val``: the noise-free best response of each training prompt, standing in for
+  the demonstrations contractors write;
+* ``preferences_train`` / ``preferences_val``: the annotator's noisy K-way rankings (C(K,2) pairs each);
+* ``prompts_train``: the training prompts, for PPO;
+* ``eval_prompts``: held-out prompts no stage trains on;
+* ``eval_preferences``: held-out pairs labelled by the *noise-free* gold score, to measure the reward
+  model's accuracy against the annotator's true preference;
+* ``manifest.json``: how the files were made (model, seed, sizes, sampling, annotator temperature).
+
+Remake with ``python scripts/make_demo_data.py`` (the manifest records the exact command).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rlhf_lightning.annotator import (
+    INSTRUCTGPT_AGREEMENT,
+    SimulatedAnnotator,
+    calibrate_temperature,
+    expected_agreement,
+)
+from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.render import encode, prompt_text
+from rlhf_lightning.lm import sample
+from rlhf_lightning.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+
+TASKS = {
+    "explain": [
+        "Explain {t} in simple words.",
+        "What is {t}? Keep it short.",
+        "Explain {t} to a ten-year-old.",
+    ],
+    "advice": [
+        "Give me three tips for {a}.",
+        "How can I get better at {a}?",
+        "What should a beginner know about {a}?",
+    ],
+    "support": [
+        "I feel nervous about {e}. Any advice?",
+        "Write a kind note to a friend who is worried about {e}.",
+    ],
+    "creative": [
+        "Write a short poem about {t}.",
+        "Tell a tiny story about {t}.",
+        "Describe {t} in two sentences.",
+    ],
+    "compare": ["What is the difference between {t} and {u}?"],
+}
+TOPICS = [
+    "photosynthesis",
+    "gravity",
+    "rainbows",
+    "volcanoes",
+    "the moon",
+    "electricity",
+    "clouds",
+    "the ocean",
+    "bees",
+    "recycling",
+    "the internet",
+    "music",
+    "friendship",
+    "winter",
+    "trees",
+    "rivers",
+    "stars",
+    "dinosaurs",
+    "bread",
+    "coffee",
+    "sleep",
+    "the heart",
+    "magnets",
+    "sound",
+    "deserts",
+]
+ACTIVITIES = [
+    "cooking",
+    "running",
+    "drawing",
+    "public speaking",
+    "learning a language",
+    "saving money",
+    "gardening",
+    "studying",
+    "writing",
+    "chess",
+    "swimming",
+    "photography",
+    "making friends",
+    "time management",
+    "reading",
+]
+EVENTS = [
+    "a job interview",
+    "an exam",
+    "moving to a new city",
+    "a first day at school",
+    "a big presentation",
+    "a doctor visit",
+    "a long flight",
+    "a new job",
+]
+FILES = (
+    "sft_train",
+    "sft_val",
+    "preferences_train",
+    "preferences_val",
+    "prompts_train",
+    "eval_prompts",
+    "eval_preferences",
+)
+
+
+def demo_prompts(n: int, seed: int = 0) -> list[dict]:
+    """``n`` distinct prompts spread over the task types, each ``{"task", "text"}``."""
+    pool = []
+    for task, templates in TASKS.items():
+        for template in templates:
+            if "{a}" in template:
+                fills = [{"a": a} for a in ACTIVITIES]
+            elif "{e}" in template:
+                fills = [{"e": e} for e in EVENTS]
+            elif "{u}" in template:
+                fills = [{"t": t, "u": u} for t, u in itertools.combinations(TOPICS[:12], 2)]
+            else:
+                fills = [{"t": t} for t in TOPICS]
+            pool.extend({"task": task, "text": template.format(**f)} for f in fills)
+    rng = random.Random(seed)
+    by_task = {task: [p for p in pool if p["task"] == task] for task in TASKS}
+    for items in by_task.values():
+        rng.shuffle(items)
+    chosen = []
+    for group in itertools.zip_longest(*by_task.values()):  # round-robin keeps the task mix even
+        chosen.extend(p for p in group if p is not None)
+    if n > len(chosen):
+        raise ValueError(f"only {len(chosen)} distinct demo prompts exist, asked for {n}")
+    return chosen[:n]
+
+
+def _messages(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@torch.no_grad()
+def generate_responses(
+    model_name: str,
+    prompts: list[str],
+    k: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+) -> list[list[tuple[str, bool]]]:
+    """``k`` sampled ``(text, finished)`` responses per prompt."""
+    from tqdm.auto import tqdm
+
+    tokenizer = load_tokenizer(model_name)
+    model = load_causal_lm(model_name).eval()
+    torch.manual_seed(seed)
+    out: list[list[tuple[str, bool]]] = []
+    for begin in tqdm(range(0, len(prompts), batch_size), desc="sampling responses"):
+        chunk = prompts[begin : begin + batch_size]
+        ids = [encode(tokenizer, prompt_text(tokenizer, _messages(p))) for p in chunk for _ in range(k)]
+        responses, mask = sample(
+            model,
+            pad(ids, tokenizer.pad_token_id, left=True),
+            mask_of(ids, left=True),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        for i in range(0, len(ids), k):
+            group = []
+            for row, row_mask in zip(responses[i : i + k], mask[i : i + k]):
+                tokens = row[row_mask].tolist()
+                finished = tokenizer.eos_token_id in tokens
+                group.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished))
+            out.append(group)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_demo_data(
+    out_dir: str | Path,
+    model: str = DEFAULT_MODEL,
+    n_prompts: int = 200,
+    n_eval: int = 50,
+    val_fraction: float = 0.1,
+    k: int = 4,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 8,
+    command: str = "",
+) -> dict:
+    """Sample, annotate and split the demo data into ``out_dir``; returns the manifest."""
+    began = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = demo_prompts(n_prompts, seed)
+    texts = [p["text"] for p in prompts]
+    samples = generate_responses(model, texts, k, seed, max_new_tokens, temperature, top_p, batch_size)
+    annotator = SimulatedAnnotator()
+    rows = []
+    for prompt, group in zip(prompts, samples):
+        unique = {}
+        for text, finished in group:
+            if text and text not in unique:
+                unique[text] = annotator.score(prompt["text"], text, finished)
+        if len(unique) >= 2:
+            rows.append({"task": prompt["task"], "prompt": prompt["text"], "gold": unique})
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = [rows[i] for i in order[:n_eval]]
+    train_pool = [rows[i] for i in order[n_eval:]]
+    n_val = max(1, round(val_fraction * len(train_pool)))
+    val, train = train_pool[:n_val], train_pool[n_val:]
+
+    gaps = [a - b for r in train_pool for a, b in itertools.combinations(r["gold"].values(), 2)]
+    annotator.temperature = calibrate_temperature(gaps, INSTRUCTGPT_AGREEMENT)
+    rng = random.Random(seed + 1)
+
+    def demo(r):
+        best = max(r["gold"], key=r["gold"].get)
+        return {"prompt": _messages(r["prompt"]), "completion": best}
+
+    def ranking(r):
+        responses = list(r["gold"])
+        order = annotator.rank([r["gold"][x] for x in responses], rng)
+        ranks = [order.index(i) + 1 for i in range(len(responses))]
+        return {"prompt": _messages(r["prompt"]), "responses": responses, "ranks": ranks}
+
+    def gold_pairs(r):
+        for a, b in itertools.combinations(r["gold"], 2):
+            if r["gold"][a] != r["gold"][b]:
+                chosen, rejected = (a, b) if r["gold"][a] > r["gold"][b] else (b, a)
+                yield {
+                    "prompt": _messages(r["prompt"]),
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "gold_margin": abs(r["gold"][a] - r["gold"][b]),
+                }
+
+    files = {
+        "sft_train": [demo(r) for r in train],
+        "sft_val": [demo(r) for r in val],
+        "preferences_train": [ranking(r) for r in train],
+        "preferences_val": [ranking(r) for r in val],
+        "prompts_train": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in train_pool],
+        "eval_prompts": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in held],
+        "eval_preferences": [p for r in held for p in gold_pairs(r)],
+    }
+    for name, content in files.items():
+        _write_jsonl(out / f"{name}.jsonl", content)
+    manifest = {
+        "command": command,
+        "model": model,
+        "seed": seed,
+        "k": k,
+        "prompts_requested": n_prompts,
+        "prompts_with_two_distinct_responses": len(rows),
+        "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
+        "annotator": {
+            "temperature": annotator.temperature,
+            "target_agreement": INSTRUCTGPT_AGREEMENT,
+            "expected_agreement": expected_agreement(gaps, annotator.temperature),
+            "rubric": asdict(annotator.rubric),
+        },
+        "sizes": {name: len(content) for name, content in files.items()},
+        "finished_rate": sum(f for g in samples for _, f in g) / sum(len(g) for g in samples),
+        "seconds": round(time.time() - began, 1),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_manifest(directory: str | Path | None = None) -> dict:
+    """The manifest of a demo-data directory (the bundled one by default)."""
+    from rlhf_lightning.data.sources import BUNDLED_DIR
+
+    return json.loads((Path(directory or BUNDLED_DIR) / "manifest.json").read_text())

@@ -1,0 +1,208 @@
+"""Did RLHF work? Held-out win rates judged by the simulated annotator, and the reward-hacking gap.
+
+For each policy (PPO, SFT, base) the evaluation samples responses to held-out prompts and reports:
+
+* the annotator's win rate of PPO over SFT and over the base model (noise-free gold scores, ties
+  count half) - the InstructGPT headline, where the 1.3B RLHF model beat 175B GPT-3 85% of the time;
+* the reward model's accuracy on held-out pairs labelled by the noise-free gold score;
+* KL(policy || SFT) per response, estimated on the policy's own samples (sum of k1 over tokens);
+* mean response length and the share of responses that end with EOS;
+* mean proxy (reward-model) score next to mean gold (annotator) score: when PPO games the proxy, the
+  first rises while the second does not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf_lightning.annotator import SimulatedAnnotator
+from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.formats import to_preference_row, to_prompt_row
+from rlhf_lightning.data.preference import collate_preferences, preference_example
+from rlhf_lightning.data.render import encode, encode_pair, prompt_text
+from rlhf_lightning.data.sources import read_rows
+from rlhf_lightning.lm import response_logprobs, sample, sequence_scores
+from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
+
+
+@dataclass
+class EvaluationOptions:
+    """How the held-out evaluation samples and judges.
+
+    Args:
+        prompts: Held-out prompts (any prompt format).
+        preferences: Held-out pairs labelled by the noise-free annotator, for reward-model accuracy.
+        samples_per_prompt: Responses sampled per prompt and policy.
+        max_new_tokens: Longest response (keep it equal to PPO's).
+        temperature: Sampling temperature (keep it equal to PPO's).
+        batch_size: Prompts per generation batch.
+        seed: Sampling seed; every policy sees the same one.
+    """
+
+    prompts: str = "bundled:eval_prompts"
+    preferences: str | None = "bundled:eval_preferences"
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    batch_size: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class PolicySamples:
+    """One policy's responses to the held-out prompts, and what was measured on them."""
+
+    texts: list[str] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)
+    proxy: list[float] = field(default_factory=list)
+    kl_to_sft: list[float] = field(default_factory=list)
+
+
+def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
+    """Share of paired samples where ``a`` scores higher; ties count half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b))
+    return wins / len(gold_a)
+
+
+@torch.no_grad()
+def _sample_policy(
+    model_dir: str,
+    prompts: list[str],
+    options: EvaluationOptions,
+    tokenizer,
+    reward_model,
+    reference,
+    annotator: SimulatedAnnotator,
+    prompt_texts: list[str],
+) -> PolicySamples:
+    model = load_causal_lm(model_dir).eval()
+    out = PolicySamples()
+    torch.manual_seed(options.seed)
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for begin in range(0, len(prompts), options.batch_size):
+        chunk = [encode(tokenizer, p) for p in prompts[begin : begin + options.batch_size]]
+        ids, mask = pad(chunk, pad_id, left=True), mask_of(chunk, left=True)
+        responses, response_mask = sample(
+            model,
+            ids,
+            mask,
+            max_new_tokens=options.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+            temperature=options.temperature,
+        )
+        full = torch.cat([ids, responses], 1)
+        full_mask = torch.cat([mask, response_mask.long()], 1)
+        out.proxy += sequence_scores(reward_model, full, full_mask).float().tolist()
+        start = ids.shape[1]
+        logp = response_logprobs(model, full, full_mask, start, options.temperature)
+        ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature)
+        out.kl_to_sft += ((logp - ref_logp) * response_mask).sum(-1).tolist()
+        for i, (row, row_mask) in enumerate(zip(responses, response_mask)):
+            tokens = row[row_mask].tolist()
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            done = eos in tokens
+            out.texts.append(text)
+            out.finished.append(done)
+            out.lengths.append(len(tokens))
+            out.gold.append(annotator.score(prompt_texts[begin + i], text, done))
+    return out
+
+
+@torch.no_grad()
+def reward_model_accuracy(
+    reward_model, tokenizer, source: str, max_length: int = 512, batch_size: int = 16
+) -> float:
+    """Share of held-out pairs where the reward model scores the chosen response higher."""
+    rows, _ = read_rows(source, to_preference_row)
+    examples = []
+    for row in rows:
+        encoded = [encode_pair(tokenizer, row.prompt, r) for r in row.responses]
+        examples.append(preference_example(encoded[0][0], [c for _, c in encoded], None, max_length))
+    correct = []
+    for begin in range(0, len(examples), batch_size):
+        batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)
+        rewards = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+        correct += (rewards[batch["pairs"][:, 0]] > rewards[batch["pairs"][:, 1]]).tolist()
+    return sum(correct) / len(correct)
+
+
+def evaluate(
+    policies: dict[str, str],
+    sft: str,
+    reward_model: str,
+    options: EvaluationOptions | None = None,
+    annotator_temperature: float = 0.3,
+) -> dict:
+    """Evaluate ``policies`` (name -> model) against the SFT model; returns every figure of the report."""
+    options = options or EvaluationOptions()
+    tokenizer = load_tokenizer(sft)
+    rows, _ = read_rows(options.prompts, to_prompt_row)
+    prompt_texts, rendered = [], []
+    for row in rows:
+        user = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+        for _ in range(options.samples_per_prompt):
+            prompt_texts.append(user)
+            rendered.append(prompt_text(tokenizer, row.prompt))
+    annotator = SimulatedAnnotator(temperature=annotator_temperature)
+    rm = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
+    reference = load_causal_lm(sft).eval()
+    samples = {
+        name: _sample_policy(path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts)
+        for name, path in policies.items()
+    }
+    report: dict = {"options": asdict(options), "policies": {}, "win_rates": {}, "n_samples": len(rendered)}
+    for name, s in samples.items():
+        n = len(s.gold)
+        report["policies"][name] = {
+            "gold_score": sum(s.gold) / n,
+            "proxy_score": sum(s.proxy) / n,
+            "kl_to_sft": sum(s.kl_to_sft) / n,
+            "response_length": sum(s.lengths) / n,
+            "eos_rate": sum(s.finished) / n,
+            "examples": [
+                {"prompt": p, "response": t, "gold": g, "proxy": q}
+                for p, t, g, q in list(zip(prompt_texts, s.texts, s.gold, s.proxy))[:4]
+            ],
+        }
+    if "ppo" in samples:
+        for other in samples:
+            if other != "ppo":
+                a, b = samples["ppo"].gold, samples[other].gold
+                report["win_rates"][f"ppo_vs_{other}"] = win_rate(a, b)
+                noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
+                report.setdefault("noisy_win_rates", {})[f"ppo_vs_{other}"] = sum(noisy) / len(noisy)
+    if options.preferences:
+        report["reward_model_accuracy"] = reward_model_accuracy(rm, tokenizer, options.preferences)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlhf-lightning evaluate``: evaluate exported policies and print the figures as JSON."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="rlhf-lightning evaluate", description=__doc__)
+    parser.add_argument("--policy", required=True, help="the RLHF (PPO) policy to judge")
+    parser.add_argument("--sft", required=True, help="the SFT policy (also the KL reference)")
+    parser.add_argument("--base", default=None, help="the base model, for the win rate over it")
+    parser.add_argument("--reward_model", required=True, help="the reward model (the proxy)")
+    parser.add_argument("--output", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--annotator_temperature", type=float, default=0.3)
+    parser.add_class_arguments(EvaluationOptions, "evaluation")
+    args = parser.parse_args(argv)
+    policies = {"ppo": args.policy, "sft": args.sft}
+    if args.base:
+        policies["base"] = args.base
+    options = EvaluationOptions(**vars(args.evaluation))
+    report = evaluate(policies, args.sft, args.reward_model, options, args.annotator_temperature)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+    return 0

@@ -1,0 +1,140 @@
+"""The run report: a markdown summary and PNG plots written beside a pipeline run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GOALS = {"win_rate_vs_sft": 0.85, "reward_model_accuracy": 0.9, "minutes": 20.0}
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the TensorBoard event files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return series
+
+
+def plot_ppo_curves(scalars: dict, path: Path) -> Path | None:
+    """Reward, KL and preference accuracy over PPO iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("objective/scores", "reward-model score (normalised)"),
+        ("objective/kl", "KL(policy || SFT) per response"),
+        ("eval/policy_preference_accuracy", "policy preference accuracy (held out)"),
+    ]
+    panels = [(tag, title) for tag, title in panels if scalars.get(tag)]
+    if not panels:
+        return None
+    iterations = {step: i + 1 for i, (step, _) in enumerate(sorted(scalars.get("rollouts", [])))}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for ax, (tag, title) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+        points = sorted(scalars[tag])
+        ax.plot([iterations.get(s, s) for s, _ in points], [v for _, v in points], marker=".")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO iteration" if iterations else "step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_evaluation(report: dict, path: Path) -> Path:
+    """Gold vs proxy score per policy, and the win rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["policies"])
+    gold = [report["policies"][n]["gold_score"] for n in names]
+    proxy = [report["policies"][n]["proxy_score"] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    x = range(len(names))
+    left.bar([i - 0.2 for i in x], gold, width=0.4, label="gold (annotator)")
+    left.bar([i + 0.2 for i in x], proxy, width=0.4, label="proxy (reward model)")
+    left.set_xticks(list(x), names)
+    left.set_title("mean score on held-out prompts", fontsize=9)
+    left.legend(fontsize=8)
+    rates = report.get("win_rates", {})
+    right.bar(list(rates), list(rates.values()), color="tab:green")
+    right.axhline(0.5, color="grey", lw=0.8, ls="--")
+    right.axhline(GOALS["win_rate_vs_sft"], color="tab:red", lw=0.8, ls=":", label="goal vs SFT (0.85)")
+    right.set_ylim(0, 1)
+    right.set_title("annotator win rate of PPO", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _verdict(value: float | None, goal: float, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= goal if higher_is_better else value <= goal
+    return "met" if met else "NOT met"
+
+
+def write_report(run_dir: Path, report: dict, timings: dict[str, float], ppo_log_dir: Path | None) -> Path:
+    """``report.md`` and the plots in ``run_dir``; returns the markdown path."""
+    scalars = read_scalars(ppo_log_dir) if ppo_log_dir and ppo_log_dir.exists() else {}
+    curves = plot_ppo_curves(scalars, run_dir / "ppo_curves.png")
+    plot_evaluation(report, run_dir / "evaluation.png")
+    total_min = sum(timings.values()) / 60
+    win_sft = report.get("win_rates", {}).get("ppo_vs_sft")
+    rm_acc = report.get("reward_model_accuracy")
+    ppo = report["policies"].get("ppo", {})
+    lines = [
+        "# RLHF run report",
+        "",
+        "| goal | target | measured | verdict |",
+        "|---|---|---|---|",
+        f"| PPO preferred over SFT by the annotator | >= 0.85 | {win_sft if win_sft is None else f'{win_sft:.3f}'} "
+        f"at KL {ppo.get('kl_to_sft', float('nan')):.2f} | {_verdict(win_sft, GOALS['win_rate_vs_sft'])} |",
+        f"| reward-model accuracy, held-out noise-free pairs | >= 0.90 | "
+        f"{rm_acc if rm_acc is None else f'{rm_acc:.3f}'} | {_verdict(rm_acc, GOALS['reward_model_accuracy'])} |",
+        f"| wall time of the pipeline | <= 20 min | {total_min:.1f} min | "
+        f"{_verdict(total_min, GOALS['minutes'], higher_is_better=False)} |",
+        "",
+        "## Policies on held-out prompts",
+        "",
+        "| policy | gold (annotator) | proxy (reward model) | KL to SFT | length (tokens) | ends with EOS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in report["policies"].items():
+        lines.append(
+            f"| {name} | {p['gold_score']:.3f} | {p['proxy_score']:.3f} | {p['kl_to_sft']:.2f} | "
+            f"{p['response_length']:.1f} | {p['eos_rate']:.0%} |"
+        )
+    lines += ["", "## Win rates of the PPO policy (annotator, noise-free; ties count half)", ""]
+    for pair, rate in report.get("win_rates", {}).items():
+        noisy = report.get("noisy_win_rates", {}).get(pair)
+        lines.append(
+            f"- {pair.replace('_', ' ')}: {rate:.3f}" + (f" (with label noise: {noisy:.3f})" if noisy else "")
+        )
+    lines += ["", "## Stage times", ""]
+    lines += [f"- {stage}: {seconds / 60:.1f} min" for stage, seconds in timings.items()]
+    lines += ["", "## Plots", ""]
+    if curves:
+        lines.append("![PPO curves](ppo_curves.png)")
+    lines += ["![Evaluation](evaluation.png)", "", "## Samples", ""]
+    for name, p in report["policies"].items():
+        for ex in p.get("examples", [])[:2]:
+            lines.append(
+                f"- **{name}** — *{ex['prompt']}* → {ex['response'][:300]!r} "
+                f"(gold {ex['gold']:.2f}, proxy {ex['proxy']:.2f})"
+            )
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
