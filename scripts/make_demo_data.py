@@ -1,6 +1,6 @@
 """Remake the bundled demo data (src/rlhf_lightning/data/bundled) with the bundled model.
 
-python scripts/make_demo_data.py                      # the shipped files (about 8 minutes on 2 cores)
+python scripts/make_demo_data.py                      # the shipped files (about 10 minutes on 2 cores)
 python scripts/make_demo_data.py --model tiny:llama --n-prompts 20 --n-eval 5 --out /tmp/demo
 """
 
@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from rlhf_lightning.data.sources import BUNDLED_DIR
-from rlhf_lightning.demo_data import make_demo_data
+from rlhf_lightning.demo_data import annotate_and_split, sample_demo_responses
 from rlhf_lightning.models import DEFAULT_MODEL
 
 
@@ -26,19 +26,17 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=50, help="held-out evaluation prompts among them")
     parser.add_argument("--k", type=int, default=4, help="responses sampled per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    args = parser.parse_args()
-    command = "python scripts/make_demo_data.py " + shlex.join(sys.argv[1:])
-    manifest = make_demo_data(
-        args.out,
-        model=args.model,
-        n_prompts=args.n_prompts,
-        n_eval=args.n_eval,
-        k=args.k,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        command=command.strip(),
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--annotate-only", action="store_true", help="reuse OUT/samples.jsonl: only rank and split"
     )
+    args = parser.parse_args()
+    command = ("python scripts/make_demo_data.py " + shlex.join(sys.argv[1:])).strip()
+    if not args.annotate_only:
+        sample_demo_responses(
+            args.out, args.model, args.n_prompts, args.k, args.seed, max_new_tokens=args.max_new_tokens
+        )
+    manifest = annotate_and_split(args.out, n_eval=args.n_eval, seed=args.seed, command=command)
     print(json.dumps(manifest, indent=2))
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -50,3 +54,49 @@ class RolloutSamples(Callback):
             rows.append(f"| {_cell(prompt)[-200:]} | {_cell(response)} | {float(data['scores'][i]):.3f} |")
         writer.add_text("samples", "\n".join(rows), pl_module.global_step)
         writer.add_histogram("objective/scores_hist", data["scores"].float().cpu(), pl_module.global_step)
+
+
+class CheckpointOnStop(Callback):
+    """Ctrl-C or SIGTERM: finish the current iteration, save ``last.ckpt``, stop; resume with ``--ckpt_path last``.
+
+    The first Ctrl-C asks for a stop (a second one interrupts at once, as usual); SIGTERM is
+    Lightning's own flag. Either way the checkpoint is written between two training steps, so it
+    holds a consistent state (no half-finished PPO epoch). It goes to the ``ModelCheckpoint``
+    directory when there is one (where ``--ckpt_path last`` looks), else ``<default_root_dir>/checkpoints``.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            print("\nstop requested: finishing this step, then saving last.ckpt (Ctrl-C again to abort now)")
+
+        self._previous = signal.signal(signal.SIGINT, request_stop)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _directory(self, trainer: Trainer) -> str:
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            return callback.dirpath
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if not (self.requested or trainer.received_sigterm):
+            return
+        path = os.path.join(self._directory(trainer), "last.ckpt")
+        trainer.save_checkpoint(path)
+        print(f"saved {path}; resume with --ckpt_path last (or this path)")
+        trainer.should_stop = True

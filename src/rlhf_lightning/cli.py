@@ -13,7 +13,7 @@ can swap one component from the YAML. The DataModule's tokenizer is linked to th
 from __future__ import annotations
 
 import sys
-from unittest import mock
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -47,9 +47,10 @@ class PPOCLI(StageCLI):
     model_key = "policy"
 
     def __init__(self, *args, **kwargs):
-        from rlhf_lightning.callbacks import RolloutSamples
+        from rlhf_lightning.callbacks import CheckpointOnStop, RolloutSamples
 
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RolloutSamples()], "log_every_n_steps": 1})
+        defaults = {"callbacks": [RolloutSamples(), CheckpointOnStop()], "log_every_n_steps": 1}
+        kwargs.setdefault("trainer_defaults", defaults)
         super().__init__(*args, **kwargs)
 
 
@@ -76,13 +77,16 @@ def stage_classes(stage: str):
 def run_stage(stage: str, args: list[str], run: bool = True) -> LightningCLI:
     """Run ``rlhf-lightning <stage> <args>`` in this process; returns the CLI object."""
     module, datamodule, cli_class = stage_classes(stage)
-    # LightningCLI reads sys.argv; give it the stage's arguments as if they were the whole command.
-    with mock.patch.object(sys, "argv", [f"rlhf-lightning {stage}", *args]):
+    with warnings.catch_warnings():
+        # Lightning warns when `args` is given while sys.argv holds arguments too (ours, or pytest's);
+        # `args` is what counts. sys.argv itself stays untouched: DDP's launcher re-runs it on each rank.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         return cli_class(
             module,
             datamodule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": f"rlhf-lightning {stage}", "default_env": False},

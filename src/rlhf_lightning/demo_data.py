@@ -11,7 +11,9 @@ For each prompt the base model samples K responses; the simulated annotator rank
   model's accuracy against the annotator's true preference;
 * ``manifest.json``: how the files were made (model, seed, sizes, sampling, annotator temperature).
 
-Remake with ``python scripts/make_demo_data.py`` (the manifest records the exact command).
+Remake with ``python scripts/make_demo_data.py`` (the manifest records the exact command); sampling
+(``samples.jsonl``, the slow step) and annotation are separate, so the annotation can be redone alone
+with ``--annotate-only``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -198,37 +199,70 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def make_demo_data(
+def sample_demo_responses(
     out_dir: str | Path,
     model: str = DEFAULT_MODEL,
     n_prompts: int = 200,
-    n_eval: int = 50,
-    val_fraction: float = 0.1,
     k: int = 4,
     seed: int = 0,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 0.95,
     batch_size: int = 8,
-    command: str = "",
-) -> dict:
-    """Sample, annotate and split the demo data into ``out_dir``; returns the manifest."""
-    began = time.time()
+) -> Path:
+    """Step 1: sample K responses per demo prompt into ``samples.jsonl`` (the slow part)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = demo_prompts(n_prompts, seed)
-    texts = [p["text"] for p in prompts]
-    samples = generate_responses(model, texts, k, seed, max_new_tokens, temperature, top_p, batch_size)
+    samples = generate_responses(
+        model, [p["text"] for p in prompts], k, seed, max_new_tokens, temperature, top_p, batch_size
+    )
+    rows = [
+        {
+            "task": p["task"],
+            "prompt": p["text"],
+            "responses": [t for t, _ in group],
+            "finished": [f for _, f in group],
+        }
+        for p, group in zip(prompts, samples)
+    ]
+    _write_jsonl(out / "samples.jsonl", rows)
+    sampling = {
+        "model": model,
+        "seed": seed,
+        "k": k,
+        "prompts": n_prompts,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
+    (out / "sampling.json").write_text(json.dumps(sampling, indent=2))
+    return out / "samples.jsonl"
+
+
+def annotate_and_split(
+    out_dir: str | Path, n_eval: int = 50, val_fraction: float = 0.1, seed: int = 0, command: str = ""
+) -> dict:
+    """Step 2: rank the samples with the simulated annotator and write the stage files and the manifest.
+
+    Responses that ran out of tokens before EOS are left out, as labelers are shown finished answers:
+    what the reward model learns is then what it can see (PPO penalises unfinished responses with
+    ``missing_eos_penalty``). A prompt needs two distinct finished responses to be kept.
+    """
+    out = Path(out_dir)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     annotator = SimulatedAnnotator()
     rows = []
-    for prompt, group in zip(prompts, samples):
-        unique = {}
-        for text, finished in group:
-            if text and text not in unique:
-                unique[text] = annotator.score(prompt["text"], text, finished)
-        if len(unique) >= 2:
-            rows.append({"task": prompt["task"], "prompt": prompt["text"], "gold": unique})
+    for sample_row in samples:
+        gold = {}
+        for text, finished in zip(sample_row["responses"], sample_row["finished"]):
+            if text and finished and text not in gold:
+                gold[text] = annotator.score(sample_row["prompt"], text, finished)
+        if len(gold) >= 2:
+            rows.append({"task": sample_row["task"], "prompt": sample_row["prompt"], "gold": gold})
 
+    if len(rows) <= n_eval:
+        raise ValueError(f"only {len(rows)} prompts have two distinct finished responses; need more than {n_eval}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = [rows[i] for i in order[:n_eval]]
@@ -272,23 +306,21 @@ def make_demo_data(
     }
     for name, content in files.items():
         _write_jsonl(out / f"{name}.jsonl", content)
+    n_responses = sum(len(s["responses"]) for s in samples)
     manifest = {
         "command": command,
-        "model": model,
-        "seed": seed,
-        "k": k,
-        "prompts_requested": n_prompts,
-        "prompts_with_two_distinct_responses": len(rows),
-        "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
+        "sampling": json.loads((out / "sampling.json").read_text()),
+        "prompts_sampled": len(samples),
+        "finished_rate": sum(sum(s["finished"]) for s in samples) / n_responses,
+        "prompts_kept": len(rows),
         "annotator": {
             "temperature": annotator.temperature,
             "target_agreement": INSTRUCTGPT_AGREEMENT,
             "expected_agreement": expected_agreement(gaps, annotator.temperature),
             "rubric": asdict(annotator.rubric),
         },
+        "split_seed": seed,
         "sizes": {name: len(content) for name, content in files.items()},
-        "finished_rate": sum(f for g in samples for _, f in g) / sum(len(g) for g in samples),
-        "seconds": round(time.time() - began, 1),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -105,7 +105,9 @@ def test_sft_errors_name_row_and_field(record, field):
 
 
 def test_sft_missing_fields_lists_formats():
-    with pytest.raises(DataFormatError, match=rf"^{LOC}: no SFT fields found \(has \['question'\]\).*prompt/completion"):
+    with pytest.raises(
+        DataFormatError, match=rf"^{LOC}: no SFT fields found \(has \['question'\]\).*prompt/completion"
+    ):
         to_sft_row({"question": "x"}, WHERE)
 
 
@@ -140,17 +142,28 @@ def test_preference_forms_of_one_comparison_agree():
 
 def test_preference_k_way_best_first_and_ranks_agree():
     best_first = to_preference_row({"prompt": "p", "responses": ["a", "b", "c", "d"]}, WHERE)
-    ranked = to_preference_row({"prompt": "p", "responses": ["c", "a", "d", "b"], "ranks": [3, 1, 4, 2]}, WHERE)
-    sparse_ranks = to_preference_row({"prompt": "p", "responses": ["c", "a", "d", "b"], "ranks": [30, 1, 99, 7]}, WHERE)
+    ranked = to_preference_row(
+        {"prompt": "p", "responses": ["c", "a", "d", "b"], "ranks": [3, 1, 4, 2]}, WHERE
+    )
+    sparse_ranks = to_preference_row(
+        {"prompt": "p", "responses": ["c", "a", "d", "b"], "ranks": [30, 1, 99, 7]}, WHERE
+    )
     assert best_first == ranked == sparse_ranks == PreferenceRow("p", ["a", "b", "c", "d"], None)
 
 
 def test_preference_margin_is_parsed():
-    assert to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, WHERE).margin == 2.0
-    assert isinstance(to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, WHERE).margin, float)
+    assert (
+        to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, WHERE).margin == 2.0
+    )
+    assert isinstance(
+        to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}, WHERE).margin, float
+    )
     assert to_preference_row({"chosen": HH, "rejected": HH + "!", "margin": 0.5}, WHERE).margin == 0.5
     assert to_preference_row({"prompt": "p", "responses": ["a", "b"], "margin": -1.5}, WHERE).margin == -1.5
-    assert to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": None}, WHERE).margin is None
+    assert (
+        to_preference_row({"prompt": "p", "chosen": "a", "rejected": "b", "margin": None}, WHERE).margin
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -170,10 +183,19 @@ def test_preference_margin_is_parsed():
         ({"prompt": "p", "chosen": "a", "rejected": "\n"}, "'rejected' is empty"),
         ({"prompt": "p", "chosen": "a"}, "no 'rejected' field"),
         ({"prompt": "p", "rejected": "a"}, "no 'chosen' field"),
-        ({"prompt": "p", "chosen": 1, "rejected": "b"}, "'chosen' must be a string or an assistant message, got int"),
+        (
+            {"prompt": "p", "chosen": 1, "rejected": "b"},
+            "'chosen' must be a string or an assistant message, got int",
+        ),
         ({"prompt": None, "chosen": "a", "rejected": "b"}, "'prompt' must be a string, got NoneType"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "1"}, "'margin' must be a number, got str"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": True}, "'margin' must be a number, got bool"),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "1"},
+            "'margin' must be a number, got str",
+        ),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": True},
+            "'margin' must be a number, got bool",
+        ),
         ({"chosen": "plain a", "rejected": "plain b"}, "'chosen'/'rejected' without 'prompt'"),
         ({"chosen": [USER, ASSISTANT], "rejected": "x"}, "'rejected'"),
         (
@@ -184,7 +206,10 @@ def test_preference_margin_is_parsed():
             {"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "hi"}, ASSISTANT]},
             "'chosen' and 'rejected' do not share the same conversation",
         ),
-        ({"chosen": [USER, ASSISTANT], "rejected": [USER]}, "last message of 'rejected' must be the assistant's"),
+        (
+            {"chosen": [USER, ASSISTANT], "rejected": [USER]},
+            "last message of 'rejected' must be the assistant's",
+        ),
     ],
 )
 def test_preference_errors_name_row_and_field(record, field):

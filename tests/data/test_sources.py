@@ -17,8 +17,14 @@ ROWS = [
     {"prompt": "Say plum", "completion": "plum\nplum"},
 ]
 NESTED = [
-    {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]},
-    {"prompt": [{"role": "user", "content": "bye"}], "completion": [{"role": "assistant", "content": "ciao"}]},
+    {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "completion": [{"role": "assistant", "content": "hello"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "bye"}],
+        "completion": [{"role": "assistant", "content": "ciao"}],
+    },
 ]
 
 
@@ -88,7 +94,7 @@ def test_jsonl_locations_count_lines_including_blank_ones(write_jsonl):
     path = write_jsonl([ROWS[0]])
     path.write_text(path.read_text() + "\n   \n" + json.dumps(ROWS[1]) + "\n")
     records = read_records(str(path))
-    assert [w for _, w in records] == ["data.jsonl row 1", "data.jsonl row 3"]
+    assert [w for _, w in records] == ["data.jsonl row 1", "data.jsonl row 4"]
 
 
 def test_datasetdict_split_is_chosen_and_missing_split_named(tmp_path):
@@ -157,7 +163,9 @@ def test_non_utf8_names_file_and_line(tmp_path, suffix):
     path = tmp_path / f"latin1{suffix}"
     good = json.dumps(ROWS[0]).encode() + b"\n"
     path.write_bytes(good + good + b'{"prompt": "caf\xe9", "completion": "x"}\n')
-    with pytest.raises(DataSourceError, match=rf"^{re.escape(str(path))} line 3: not valid UTF-8 \(byte 0xe9"):
+    with pytest.raises(
+        DataSourceError, match=rf"^{re.escape(str(path))} line 3: not valid UTF-8 \(byte 0xe9"
+    ):
         read_records(str(path))
 
 
@@ -215,3 +223,29 @@ def test_read_rows_format_error_names_file_row_and_field(write_jsonl):
     path = write_jsonl([ROWS[0], {"prompt": "x", "completion": 5}])
     with pytest.raises(DataFormatError, match=r"^data\.jsonl row 2: field 'completion'"):
         read_rows(str(path), to_sft_row)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: sources._jsonl splits with str.splitlines(), which also breaks lines at U+2028, U+2029 "
+    "and U+0085; JSON allows these raw inside strings (json.dumps(..., ensure_ascii=False) writes them)",
+)
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    rows = [{"prompt": "a\u2028b", "completion": "c\u0085d\u2029"}, ROWS[0]]
+    path = tmp_path / "unicode.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    records = read_records(str(path))
+    assert [r for r, _ in records] == rows
+    assert [w for _, w in records] == ["unicode.jsonl row 1", "unicode.jsonl row 2"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: sources._decode decodes with 'utf-8', keeping a UTF-8 byte-order mark (Excel and many "
+    "Windows tools write one): the first CSV column becomes '\\ufeffprompt' and the first JSONL row is invalid",
+)
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_utf8_byte_order_mark_is_ignored(tmp_path, kind):
+    path = _write(kind, ROWS, tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r for r, _ in read_records(str(path))] == ROWS
