@@ -168,11 +168,6 @@ def test_disable_dropout_zeroes_modules_and_config():
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: disable_dropout zeroes config.attention_dropout but not LlamaAttention.attention_dropout, "
-    "a float copied from the config at construction, so attention dropout stays active in train mode",
-)
 def test_disable_dropout_makes_train_mode_deterministic():
     config = LlamaConfig(
         vocab_size=50,

@@ -225,14 +225,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to zero (RLHF needs log-probs that do not depend on the mode)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    # Attention layers copy their dropout rate from the config into a float attribute when built, so the
+    # config, the modules' float attributes and nn.Dropout layers are all set.
+    objects = [*model.modules()]
     config = getattr(model, "config", None)
     if config is not None:
-        for key, value in list(vars(config).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
+        objects.append(config)
+    for obj in objects:
+        if isinstance(obj, nn.Dropout):
+            obj.p = 0.0
+        for key, value in list(vars(obj).items()):
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+                setattr(obj, key, 0.0)
     return model
 
 

@@ -225,11 +225,6 @@ def test_read_rows_format_error_names_file_row_and_field(write_jsonl):
         read_rows(str(path), to_sft_row)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: sources._jsonl splits with str.splitlines(), which also breaks lines at U+2028, U+2029 "
-    "and U+0085; JSON allows these raw inside strings (json.dumps(..., ensure_ascii=False) writes them)",
-)
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     rows = [{"prompt": "a\u2028b", "completion": "c\u0085d\u2029"}, ROWS[0]]
     path = tmp_path / "unicode.jsonl"
@@ -239,11 +234,6 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     assert [w for _, w in records] == ["unicode.jsonl row 1", "unicode.jsonl row 2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: sources._decode decodes with 'utf-8', keeping a UTF-8 byte-order mark (Excel and many "
-    "Windows tools write one): the first CSV column becomes '\\ufeffprompt' and the first JSONL row is invalid",
-)
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_utf8_byte_order_mark_is_ignored(tmp_path, kind):
     path = _write(kind, ROWS, tmp_path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -163,4 +165,11 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.train_data, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_data, shuffle=False, collate=self.collate_val) if self.val_data else []
+        if not self.val_data:
+            return []
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each row on exactly one rank (Lightning's default sampler repeats rows to even the shards),
+            # so metrics reduced over ranks equal the single-process ones.
+            sampler = UnrepeatedDistributedSampler(self.val_data, shuffle=False)
+        return self._loader(self.val_data, shuffle=False, sampler=sampler, collate=self.collate_val)

@@ -44,7 +44,7 @@ def bundled_path(name: str) -> Path:
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's CSVs) is not part of the data
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataSourceError(
@@ -53,7 +53,8 @@ def _decode(path: Path) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[Any, str]]:
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break inside strings at U+2028/U+2029/U+0085
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from rlhf_lightning.lm import (
     entropy_from_logits,
@@ -196,6 +197,7 @@ class PPOModule(LightningModule):
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self.last_rollout: dict | None = None  # for the sample-table callback
+        self.val_accuracy = nn.ModuleDict({"reward_model": MeanMetric(), "policy": MeanMetric()})
         self.train()
 
     def train(self, mode: bool = True) -> PPOModule:
@@ -548,8 +550,6 @@ class PPOModule(LightningModule):
         }
 
     # -- validation: preference accuracy on held-out pairs ---------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val_correct = {"reward_model": [], "policy": []}
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -564,7 +564,7 @@ class PPOModule(LightningModule):
         with self._reference_model() as reference:
             implicit = implicit - self._sequence_logprob(reference, batch)
         for name, r in (("reward_model", rewards), ("policy", implicit)):
-            self._val_correct[name].append((r[pairs[:, 0]] > r[pairs[:, 1]]).float())
+            self.val_accuracy[name].update((r[pairs[:, 0]] > r[pairs[:, 1]]).float())
 
     def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -575,6 +575,7 @@ class PPOModule(LightningModule):
         return (logprobs * in_response).sum(-1)
 
     def on_validation_epoch_end(self) -> None:
-        for name, values in self._val_correct.items():
-            if values:
-                self.log(f"eval/{name}_preference_accuracy", torch.cat(values).mean(), sync_dist=True)
+        for name, metric in self.val_accuracy.items():
+            if metric.update_count:
+                self.log(f"eval/{name}_preference_accuracy", metric.compute(), sync_dist=True)
+            metric.reset()

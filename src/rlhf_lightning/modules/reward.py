@@ -95,13 +95,13 @@ class RewardModule(FinetuneModule):
             return
         mean, mean_sq = self.val_reward.compute(), self.val_reward_sq.compute()
         self.reward_stats = {"mean": float(mean), "std": float((mean_sq - mean**2).clamp(min=1e-8).sqrt())}
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log("val/preference_accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/preference_accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=True)
         chosen, rejected = self.val_chosen.compute(), self.val_rejected.compute()
-        self.log("val/rewards_chosen", chosen)
-        self.log("val/rewards_rejected", rejected)
-        self.log("val/margin", chosen - rejected)
-        self.log("val/length_correlation", self.val_length_corr.compute())
+        self.log("val/rewards_chosen", chosen, sync_dist=True)
+        self.log("val/rewards_rejected", rejected, sync_dist=True)
+        self.log("val/margin", chosen - rejected, sync_dist=True)
+        self.log("val/length_correlation", self.val_length_corr.compute(), sync_dist=True)
         for metric in (
             self.val_loss,
             self.val_accuracy,

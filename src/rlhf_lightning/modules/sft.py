@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,8 +58,8 @@ class SFTModule(FinetuneModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", torch.exp(loss) if math.isfinite(loss) else loss)
-        self.log("val/token_accuracy", self.val_accuracy.compute())
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
+        self.log("val/token_accuracy", self.val_accuracy.compute(), sync_dist=True)
         self.val_loss.reset()
         self.val_accuracy.reset()
