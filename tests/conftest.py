@@ -47,3 +47,40 @@ def read_scalars():
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """A tiny SFT-policy export and reward-model export (with reward stats), and small data files.
+
+    Returns a dict of paths: ``policy``, ``reward``, ``sft_data``, ``preferences``, ``prompts``.
+    """
+    from rlhf_lightning.models import load_causal_lm, load_reward_model, save_hf, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_exports")
+    tokenizer = tiny_tokenizer()
+    save_hf(load_causal_lm("tiny:llama"), tokenizer, root / "policy")
+    stats = {"reward_stats.json": {"mean": 0.0, "std": 1.0, "source": "test"}}
+    save_hf(load_reward_model("tiny:llama"), tokenizer, root / "reward", stats)
+    fruits = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+    files = {
+        "sft_data": [
+            {"prompt": [{"role": "user", "content": f"Say {w}"}], "completion": f"{w} {w}!"}
+            for w in fruits * 3
+        ],
+        "preferences": [
+            {
+                "prompt": [{"role": "user", "content": f"About {w}?"}],
+                "chosen": f"{w}, thanks",
+                "rejected": f"{w}, no",
+            }
+            for w in fruits
+        ][:7],
+        "prompts": [{"prompt": [{"role": "user", "content": f"Tell me about {w}"}]} for w in fruits * 2],
+    }
+    out = {"policy": root / "policy", "reward": root / "reward"}
+    for name, rows in files.items():
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[name] = path
+    return out

@@ -84,7 +84,9 @@ def test_response_logprobs_match_full_forward(tiny_lm):
     got = response_logprobs(tiny_lm, ids, mask, start)
     with torch.no_grad():
         logits = tiny_lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    expected = F.log_softmax(logits.float(), -1)[:, start - 1 : -1].gather(-1, ids[:, start:, None]).squeeze(-1)
+    expected = (
+        F.log_softmax(logits.float(), -1)[:, start - 1 : -1].gather(-1, ids[:, start:, None]).squeeze(-1)
+    )
     assert got.shape == (3, 6)
     valid = mask[:, start:].bool()
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
@@ -136,7 +138,12 @@ def test_sample_never_emits_pad_and_masks_after_eos(eos_bias):
     max_new = 12
     torch.manual_seed(0)
     responses, mask = sample(
-        model, prompts, prompt_mask, max_new_tokens=max_new, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        model,
+        prompts,
+        prompt_mask,
+        max_new_tokens=max_new,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     assert model.training  # the mode is restored
     assert responses.shape == mask.shape == (16, max_new)
@@ -155,6 +162,53 @@ def test_sample_never_emits_pad_and_masks_after_eos(eos_bias):
     ended = torch.nonzero(has_eos).flatten()
     assert (responses[ended, lengths[ended] - 1] == tok.eos_token_id).all()
     if eos_bias > 10:
-        assert has_eos.all() and int(lengths.max()) < max_new  # every row stopped early: right-filled with pad
+        # every row stopped early: the responses were right-filled with pad
+        assert has_eos.all() and int(lengths.max()) < max_new
     else:
         assert has_eos.any() and (~has_eos).any()  # both kinds of rows
+
+
+def _sampled_ranks(model, **kwargs) -> torch.Tensor:
+    """Rank (0 = most likely) of one sampled token per row, under the model's full distribution."""
+    from rlhf_lightning.lm import response_logits
+    from rlhf_lightning.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = torch.randint(3, 250, (128, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts)
+    torch.manual_seed(0)
+    responses, _ = sample(
+        model,
+        prompts,
+        mask,
+        max_new_tokens=1,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kwargs,
+    )
+    full = torch.cat([prompts, responses[:, :1]], dim=1)
+    with torch.no_grad():
+        logits = response_logits(model, full, torch.ones_like(full), prompts.shape[1])[:, 0]
+    return (logits > logits.gather(-1, responses[:, :1])).sum(-1)
+
+
+def test_sample_top_k_restricts_to_top_tokens():
+    ranks = _sampled_ranks(load_causal_lm("tiny:llama").eval(), temperature=1.0, top_k=5)
+    assert int(ranks.max()) < 5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src/rlhf_lightning/lm.py sample(): top_k=0 / top_p=1.0 are passed to GenerationConfig as None, and "
+    "transformers>=5 fills None fields from model.generation_config and then its global defaults (top_k=50), "
+    "so 'sample among all tokens' samples from the top 50 (and a checkpoint's own top_k/top_p apply silently) "
+    "while PPO's log-probs use the full softmax",
+)
+@pytest.mark.parametrize("checkpoint_defaults", [{}, {"top_k": 5}, {"top_p": 0.05}])
+def test_sample_without_top_k_uses_full_distribution(checkpoint_defaults):
+    model = load_causal_lm("tiny:llama").eval()  # a random init: nearly uniform over 258 tokens
+    for key, value in checkpoint_defaults.items():  # as a checkpoint's generation_config.json may set them
+        setattr(model.generation_config, key, value)
+    ranks = _sampled_ranks(model, temperature=1.0, top_k=0, top_p=1.0)
+    # Sampling from all ~258 near-equally likely tokens: ~80% of draws fall outside the 50 most likely.
+    assert float((ranks >= 50).float().mean()) > 0.5

@@ -57,12 +57,13 @@ class RolloutSamples(Callback):
 
 
 class CheckpointOnStop(Callback):
-    """Ctrl-C or SIGTERM: finish the current iteration, save ``last.ckpt``, stop; resume with ``--ckpt_path last``.
+    """Ctrl-C or SIGTERM: finish the current step, save ``last.ckpt``, stop; resume with ``--ckpt_path last``.
 
-    The first Ctrl-C asks for a stop (a second one interrupts at once, as usual); SIGTERM is
-    Lightning's own flag. Either way the checkpoint is written between two training steps, so it
-    holds a consistent state (no half-finished PPO epoch). It goes to the ``ModelCheckpoint``
-    directory when there is one (where ``--ckpt_path last`` looks), else ``<default_root_dir>/checkpoints``.
+    The first Ctrl-C asks for a stop (a second one interrupts at once, as usual); SIGTERM is Lightning's
+    own flag. Either way the checkpoint is written between two training steps, so it holds a consistent
+    state (never half a PPO iteration), and no export is written for the unfinished run. The checkpoint
+    goes to the ``ModelCheckpoint`` directory when there is one (where ``--ckpt_path last`` looks), else
+    to ``<default_root_dir>/checkpoints``.
     """
 
     def __init__(self):
@@ -80,10 +81,16 @@ class CheckpointOnStop(Callback):
 
         self._previous = signal.signal(signal.SIGINT, request_stop)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _restore_handler(self) -> None:
         if self._previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
 
     def _directory(self, trainer: Trainer) -> str:
         callback = trainer.checkpoint_callback
@@ -94,9 +101,14 @@ class CheckpointOnStop(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
     ) -> None:
-        if not (self.requested or trainer.received_sigterm):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # every rank must agree before the (collective) save; Ctrl-C may reach only some of them
+        stop = trainer.strategy.reduce_boolean_decision(self.requested or trainer.received_sigterm, all=False)
+        if not stop:
             return
         path = os.path.join(self._directory(trainer), "last.ckpt")
         trainer.save_checkpoint(path)
-        print(f"saved {path}; resume with --ckpt_path last (or this path)")
-        trainer.should_stop = True
+        if trainer.is_global_zero:
+            print(f"saved {path}; resume with --ckpt_path last")
+        raise SIGTERMException() if trainer.received_sigterm else KeyboardInterrupt()

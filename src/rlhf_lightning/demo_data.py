@@ -262,7 +262,9 @@ def annotate_and_split(
             rows.append({"task": sample_row["task"], "prompt": sample_row["prompt"], "gold": gold})
 
     if len(rows) <= n_eval:
-        raise ValueError(f"only {len(rows)} prompts have two distinct finished responses; need more than {n_eval}")
+        raise ValueError(
+            f"only {len(rows)} prompts have two distinct finished responses; need more than {n_eval}"
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = [rows[i] for i in order[:n_eval]]

@@ -1,9 +1,11 @@
 """``rlhf-lightning pipeline``: SFT -> reward model -> PPO -> evaluation, each export feeding the next.
 
-Every stage is the stage's own LightningCLI run on its own config, with the pipeline's overrides:
-exports go to ``<run_dir>/<stage>/export``, TensorBoard logs to ``<run_dir>/tb/<stage>``. A stage whose
-export exists is not redone (exports are written atomically, so an export that exists is complete):
-re-running the same command resumes after the last finished stage.
+Every stage is the stage's own LightningCLI run on a copy of its config, written to
+``<run_dir>/<stage>/config.yaml`` with the run's paths filled in: the previous stages' exports as
+inputs, the export at ``<run_dir>/<stage>/export``, TensorBoard logs under ``<run_dir>/tb/<stage>``,
+checkpoints under ``<run_dir>/<stage>/checkpoints``. Re-running the same command resumes: a stage whose
+export exists is not redone (exports are written atomically, so one that exists is complete), and a
+stage that was stopped continues from its ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,31 @@ from rlhf_lightning.evaluation import EvaluationOptions, evaluate
 
 def _done(export: Path) -> bool:
     return (export / "config.json").exists()
+
+
+def _write_stage_config(
+    config: str, stage_dir: Path, tb: Path, stage: str, inputs: dict, export: Path
+) -> Path:
+    """A copy of a stage's config with the run's inputs and output paths filled in."""
+    import yaml
+
+    content = yaml.safe_load(Path(config).read_text()) or {}
+    init_args = content.setdefault("model", {}).setdefault("init_args", {})
+    init_args.update(inputs)
+    init_args["export_dir"] = str(export)
+    trainer = content.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(stage_dir)
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(tb), "name": stage},
+    }
+    for callback in trainer.get("callbacks") or []:
+        if isinstance(callback, dict) and callback.get("class_path", "").endswith("ModelCheckpoint"):
+            callback.setdefault("init_args", {})["dirpath"] = str(stage_dir / "checkpoints")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
 
 
 def run_pipeline(
@@ -56,47 +83,29 @@ def run_pipeline(
     exports = {stage: run / stage / "export" for stage in ("sft", "reward", "ppo")}
     timings_file = run / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    run.mkdir(parents=True, exist_ok=True)
     stages = {
-        "sft": (sft_config, ["--model.init_args.model", base_model], sft_overrides),
-        "reward": (reward_config, ["--model.init_args.model", str(exports["sft"])], reward_overrides),
+        "sft": (sft_config, {"model": base_model}, sft_overrides),
+        "reward": (reward_config, {"model": str(exports["sft"])}, reward_overrides),
         "ppo": (
             ppo_config,
-            [
-                "--model.init_args.policy",
-                str(exports["sft"]),
-                "--model.init_args.reward_model",
-                str(exports["reward"]),
-            ],
+            {"policy": str(exports["sft"]), "reward_model": str(exports["reward"])},
             ppo_overrides,
         ),
     }
-    for stage, (config, links, overrides) in stages.items():
+    for stage, (config, inputs, overrides) in stages.items():
         if _done(exports[stage]):
             rank_zero_info(f"[pipeline] {stage}: export {exports[stage]} exists, stage skipped")
             continue
-        rank_zero_info(f"[pipeline] {stage}: rlhf-lightning {stage} fit -c {config}")
-        args = [
-            "fit",
-            "-c",
-            config,
-            *links,
-            "--model.init_args.export_dir",
-            str(exports[stage]),
-            "--trainer.default_root_dir",
-            str(run / stage),
-            "--trainer.logger.class_path",
-            "lightning.pytorch.loggers.TensorBoardLogger",
-            "--trainer.logger.init_args.save_dir",
-            str(tb),
-            "--trainer.logger.init_args.name",
-            stage,
-            *(overrides or []),
-        ]
+        stage_config = _write_stage_config(config, run / stage, tb, stage, inputs, exports[stage])
+        args = ["fit", "-c", str(stage_config), *(overrides or [])]
+        if (run / stage / "checkpoints" / "last.ckpt").exists():
+            args += ["--ckpt_path", "last"]
+        rank_zero_info(f"[pipeline] {stage}: rlhf-lightning {stage} {' '.join(args)}")
         began = time.time()
         run_stage(stage, args)
         gc.collect()
-        timings[stage] = time.time() - began
-        run.mkdir(parents=True, exist_ok=True)
+        timings[stage] = timings.get(stage, 0.0) + time.time() - began
         timings_file.write_text(json.dumps(timings, indent=2))
 
     if annotator_temperature is None:

@@ -23,7 +23,10 @@ def reference_gae(rewards, values, lengths, gamma, lam):
             delta = rewards[b][t] + gamma * next_value - values[b][t]
             last = delta + gamma * lam * last
             advantages[b][t] = last
-    returns = [[advantages[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(time)] for b in range(batch)]
+    returns = [
+        [advantages[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(time)]
+        for b in range(batch)
+    ]
     return advantages, returns
 
 

@@ -78,9 +78,11 @@ def test_policy_loss_gradient_flows_only_through_unclipped_tokens():
 
 
 def _value(values, old_values, returns, mask=None, clip=0.2):
-    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    def row(x):
+        return torch.tensor([x], dtype=torch.float64)
+
     mask = torch.ones(1, len(values), dtype=torch.bool) if mask is None else torch.tensor([mask])
-    return value_loss(t(values), t(old_values), t(returns), mask, clip)
+    return value_loss(row(values), row(old_values), row(returns), mask, clip)
 
 
 def test_value_loss_unclipped_hand_worked():

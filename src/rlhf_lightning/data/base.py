@@ -11,7 +11,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import LengthGroupedSampler
+from rlhf_lightning.data.batching import LengthGroupedSampler, ResumableDataLoader
 from rlhf_lightning.data.formats import SkipRow
 from rlhf_lightning.data.sources import read_rows
 from rlhf_lightning.models import DEFAULT_MODEL, load_tokenizer
@@ -148,7 +148,8 @@ class TextDataModule(LightningDataModule):
             rank_zero_warn(f"{type(self).__name__}: skipped rows: {detail}")
 
     def _loader(self, data: list[dict], shuffle: bool, sampler=None, collate=None) -> DataLoader:
-        return DataLoader(
+        loader_class = ResumableDataLoader if shuffle else DataLoader  # training loaders resume mid-epoch
+        return loader_class(
             data,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 IGNORE_INDEX = -100
 
@@ -54,3 +54,44 @@ class LengthGroupedSampler(Sampler[int]):
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         for start in range(0, len(order), self.chunk):
             yield from sorted(order[start : start + self.chunk], key=lambda i: -self.lengths[i])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside an epoch is saved in Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of stateful loaders in each checkpoint and restores it on
+    ``--ckpt_path``; without it a run resumed mid-epoch would start the epoch's batches over (PPO would
+    see its first prompts twice and the run would no longer match an uninterrupted one). The loader
+    counts the batches it handed out in the current epoch (Lightning fetches a sized loader's batches as
+    it trains on them, so that count is the number trained on when a checkpoint is written). On resume
+    the next iteration over the same sampler epoch skips them (same order: the samplers are seeded).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._handed_out = 0
+        self._resume: dict | None = None
+
+    def _sampler_epoch(self) -> int:
+        sampler = self.sampler
+        return int(getattr(sampler, "epoch", getattr(getattr(sampler, "sampler", None), "epoch", 0)))
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self._sampler_epoch():
+            skip = self._resume["batches"]
+        self._resume = None
+        self._handed_out = 0
+        iterator = super().__iter__()
+        for _ in range(min(skip, len(self))):
+            next(iterator)
+            self._handed_out += 1
+        for batch in iterator:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._sampler_epoch(), "batches": self._handed_out}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)

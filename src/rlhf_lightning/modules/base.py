@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Literal
 
@@ -12,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, apply_lora, load_tokenizer, save_hf
+from rlhf_lightning.schedules import deferred_schedule
 
 
 class FinetuneModule(LightningModule):
@@ -77,8 +77,6 @@ class FinetuneModule(LightningModule):
         return None
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -90,15 +88,9 @@ class FinetuneModule(LightningModule):
             lr=self.hparams.learning_rate,
             eps=self.hparams.adam_eps,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        name = (
-            "constant_with_warmup" if self.hparams.lr_scheduler == "constant" else self.hparams.lr_scheduler
-        )
-        scheduler = get_scheduler(
-            name,
-            optimizer,
-            num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total),
-            num_training_steps=total,
+        h = self.hparams
+        scheduler = deferred_schedule(
+            optimizer, lambda: self.trainer.estimated_stepping_batches, h.warmup_ratio, h.lr_scheduler
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

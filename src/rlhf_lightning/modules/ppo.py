@@ -56,6 +56,7 @@ from rlhf_lightning.rl.gae import gae
 from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_lightning.rl.losses import masked_mean, policy_loss, value_loss
 from rlhf_lightning.rl.whiten import whiten
+from rlhf_lightning.schedules import deferred_schedule
 
 
 class NonFiniteError(RuntimeError):
@@ -264,8 +265,6 @@ class PPOModule(LightningModule):
         )
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         h = self.hparams
         critic_params = list((self.value_head or self.critic).parameters())
         groups = [
@@ -273,9 +272,10 @@ class PPOModule(LightningModule):
             {"params": critic_params, "lr": h.critic_learning_rate or h.learning_rate},
         ]
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, eps=h.adam_eps, weight_decay=h.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        name = "constant" if h.lr_scheduler == "constant" else "linear"
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=total)
+        # stepped once per PPO iteration (training_step); estimated_stepping_batches counts those
+        scheduler = deferred_schedule(
+            optimizer, lambda: self.trainer.estimated_stepping_batches, 0.0, h.lr_scheduler
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
