@@ -11,6 +11,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = REPO_ROOT / "configs" / "tiny"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core box slow generation ~100x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from rlhf_lightning.models import tiny_tokenizer

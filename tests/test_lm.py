@@ -197,13 +197,6 @@ def test_sample_top_k_restricts_to_top_tokens():
     assert int(ranks.max()) < 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/rlhf_lightning/lm.py sample(): top_k=0 / top_p=1.0 are passed to GenerationConfig as None, and "
-    "transformers>=5 fills None fields from model.generation_config and then its global defaults (top_k=50), "
-    "so 'sample among all tokens' samples from the top 50 (and a checkpoint's own top_k/top_p apply silently) "
-    "while PPO's log-probs use the full softmax",
-)
 @pytest.mark.parametrize("checkpoint_defaults", [{}, {"top_k": 5}, {"top_p": 0.05}])
 def test_sample_without_top_k_uses_full_distribution(checkpoint_defaults):
     model = load_causal_lm("tiny:llama").eval()  # a random init: nearly uniform over 258 tokens

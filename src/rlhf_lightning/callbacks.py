@@ -108,7 +108,7 @@ class CheckpointOnStop(Callback):
         if not stop:
             return
         path = os.path.join(self._directory(trainer), "last.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # everything: optimizer, schedulers, loops
         if trainer.is_global_zero:
             print(f"saved {path}; resume with --ckpt_path last")
         raise SIGTERMException() if trainer.received_sigterm else KeyboardInterrupt()

@@ -2,9 +2,10 @@
 
 For each prompt the base model samples K responses; the simulated annotator ranks them. From that:
 
-* ``sft_train`` / ``sft_val``: the noise-free best response of each training prompt, standing in for
-  the demonstrations contractors write;
-* ``preferences_train`` / ``preferences_val``: the annotator's noisy K-way rankings (C(K,2) pairs each);
+* ``sft_train`` / ``sft_val``: the noise-free best *finished* response of each training prompt, standing
+  in for the demonstrations contractors write;
+* ``preferences_train`` / ``preferences_val``: the annotator's noisy K-way rankings (C(K,2) pairs each),
+  with ``finished`` flags: a response that ran out of tokens is encoded without EOS, as PPO's are;
 * ``prompts_train``: the training prompts, for PPO;
 * ``eval_prompts``: held-out prompts no stage trains on;
 * ``eval_preferences``: held-out pairs labelled by the *noise-free* gold score, to measure the reward
@@ -245,26 +246,27 @@ def annotate_and_split(
 ) -> dict:
     """Step 2: rank the samples with the simulated annotator and write the stage files and the manifest.
 
-    Responses that ran out of tokens before EOS are left out, as labelers are shown finished answers:
-    what the reward model learns is then what it can see (PPO penalises unfinished responses with
-    ``missing_eos_penalty``). A prompt needs two distinct finished responses to be kept.
+    Responses that ran out of tokens keep a ``finished: false`` flag, so the reward model sees what the
+    annotator judges (no EOS) exactly as it will see a truncated PPO response. A prompt needs two
+    distinct responses to be ranked, and a finished one to give an SFT demonstration.
     """
     out = Path(out_dir)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     annotator = SimulatedAnnotator()
     rows = []
     for sample_row in samples:
-        gold = {}
+        gold, done = {}, {}
         for text, finished in zip(sample_row["responses"], sample_row["finished"]):
-            if text and finished and text not in gold:
+            if text and text not in gold:
                 gold[text] = annotator.score(sample_row["prompt"], text, finished)
+                done[text] = finished
         if len(gold) >= 2:
-            rows.append({"task": sample_row["task"], "prompt": sample_row["prompt"], "gold": gold})
+            rows.append(
+                {"task": sample_row["task"], "prompt": sample_row["prompt"], "gold": gold, "finished": done}
+            )
 
     if len(rows) <= n_eval:
-        raise ValueError(
-            f"only {len(rows)} prompts have two distinct finished responses; need more than {n_eval}"
-        )
+        raise ValueError(f"only {len(rows)} prompts have two distinct responses; need more than {n_eval}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = [rows[i] for i in order[:n_eval]]
@@ -276,30 +278,38 @@ def annotate_and_split(
     annotator.temperature = calibrate_temperature(gaps, INSTRUCTGPT_AGREEMENT)
     rng = random.Random(seed + 1)
 
-    def demo(r):
-        best = max(r["gold"], key=r["gold"].get)
-        return {"prompt": _messages(r["prompt"]), "completion": best}
+    def demos(rows):
+        for r in rows:
+            finished = [x for x in r["gold"] if r["finished"][x]]
+            if finished:
+                yield {"prompt": _messages(r["prompt"]), "completion": max(finished, key=r["gold"].get)}
 
     def ranking(r):
         responses = list(r["gold"])
         order = annotator.rank([r["gold"][x] for x in responses], rng)
         ranks = [order.index(i) + 1 for i in range(len(responses))]
-        return {"prompt": _messages(r["prompt"]), "responses": responses, "ranks": ranks}
+        finished = [r["finished"][x] for x in responses]
+        return {
+            "prompt": _messages(r["prompt"]),
+            "responses": responses,
+            "ranks": ranks,
+            "finished": finished,
+        }
 
     def gold_pairs(r):
         for a, b in itertools.combinations(r["gold"], 2):
             if r["gold"][a] != r["gold"][b]:
-                chosen, rejected = (a, b) if r["gold"][a] > r["gold"][b] else (b, a)
+                pair = [a, b] if r["gold"][a] > r["gold"][b] else [b, a]
                 yield {
                     "prompt": _messages(r["prompt"]),
-                    "chosen": chosen,
-                    "rejected": rejected,
+                    "responses": pair,
+                    "finished": [r["finished"][x] for x in pair],
                     "gold_margin": abs(r["gold"][a] - r["gold"][b]),
                 }
 
     files = {
-        "sft_train": [demo(r) for r in train],
-        "sft_val": [demo(r) for r in val],
+        "sft_train": list(demos(train)),
+        "sft_val": list(demos(val)),
         "preferences_train": [ranking(r) for r in train],
         "preferences_val": [ranking(r) for r in val],
         "prompts_train": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in train_pool],

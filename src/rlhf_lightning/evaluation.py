@@ -22,8 +22,8 @@ import torch
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.batching import mask_of, pad
 from rlhf_lightning.data.formats import to_preference_row, to_prompt_row
-from rlhf_lightning.data.preference import collate_preferences, preference_example
-from rlhf_lightning.data.render import encode, encode_pair, prompt_text
+from rlhf_lightning.data.preference import collate_preferences, encode_preference
+from rlhf_lightning.data.render import encode, prompt_text
 from rlhf_lightning.data.sources import read_rows
 from rlhf_lightning.lm import response_logprobs, sample, sequence_scores
 from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -121,10 +121,7 @@ def reward_model_accuracy(
 ) -> float:
     """Share of held-out pairs where the reward model scores the chosen response higher."""
     rows, _ = read_rows(source, to_preference_row)
-    examples = []
-    for row in rows:
-        encoded = [encode_pair(tokenizer, row.prompt, r) for r in row.responses]
-        examples.append(preference_example(encoded[0][0], [c for _, c in encoded], None, max_length))
+    examples = [encode_preference(tokenizer, row, max_length) for row in rows]
     correct = []
     for begin in range(0, len(examples), batch_size):
         batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)

@@ -111,9 +111,13 @@ def sample(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
+        # Every sampling knob is explicit: transformers fills a None field from the checkpoint's own
+        # generation_config (or its global default top_k=50), and PPO's log-probs assume the full
+        # softmax at `temperature` unless top_k/top_p are set here.
         temperature=temperature if do_sample else None,
-        top_k=top_k if do_sample and top_k > 0 else None,
-        top_p=top_p if do_sample and top_p < 1.0 else None,
+        top_k=top_k if do_sample else None,
+        top_p=top_p if do_sample else None,
+        repetition_penalty=1.0,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         suppress_tokens=[pad_token_id] if pad_token_id != eos_token_id else None,

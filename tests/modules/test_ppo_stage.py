@@ -362,13 +362,8 @@ def test_adaptive_kl_coefficient_changes(exports, tmp_path, read_scalars):
     assert module.kl_controller.value == pytest.approx(coefs[-1], rel=1e-5)
 
 
-# -- known bug: a model seed different from the data seed ------------------------------------------
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    reason="PPOModule and PromptDataModule both save a hyperparameter named 'seed'; with a logger, Lightning "
-    "refuses to merge different values (src/rlhf_lightning/modules/ppo.py, save_hyperparameters)",
-)
+# -- the rollout seed is independent of the data seed ---------------------------------------------
 def test_model_seed_may_differ_from_data_seed(exports, tmp_path):
-    module = _module(exports, seed=1)
+    module = _module(exports, rollout_seed=1)
     _trainer(tmp_path, limit_train_batches=1).fit(module, _data(exports, seed=0))
     assert module.rollouts == 1

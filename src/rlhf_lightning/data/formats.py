@@ -7,7 +7,9 @@ Formats are named the way TRL users know them:
   (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, in ``text``).
 * Preferences: explicit ``prompt``/``chosen``/``rejected``; implicit-prompt ``chosen``/``rejected``
   (HH transcripts or message lists, split at the last assistant turn); an optional ``margin``; and
-  K-way rankings, ``prompt`` + ``responses`` (best first, or ordered by ``ranks`` where 1 is best).
+  K-way rankings, ``prompt`` + ``responses`` (best first, or ordered by ``ranks`` where 1 is best),
+  with an optional ``finished`` list marking responses that ran out of tokens before their end (they
+  are encoded without EOS, as a truncated PPO response is).
 * Prompts: any of the above, keeping only the prompt.
 
 A prompt is either a string (used verbatim) or a list of ``{"role", "content"}`` messages (rendered
@@ -55,11 +57,15 @@ class SFTRow:
 
 @dataclass
 class PreferenceRow:
-    """One prompt and K >= 2 responses ranked best first; ``margin`` applies to pairwise rows."""
+    """One prompt and K >= 2 responses ranked best first; ``margin`` applies to pairwise rows.
+
+    ``finished[i]`` is false for a response that was cut off before its end (encoded without EOS).
+    """
 
     prompt: Prompt
     responses: list[str]
     margin: float | None = None
+    finished: list[bool] | None = None
 
 
 @dataclass
@@ -203,16 +209,24 @@ def _implicit(record: dict, where: str) -> tuple[Prompt, str, str]:
     return prompt, chosen_text, rejected_text
 
 
-def _ranked(record: dict, where: str) -> list[str]:
+def _ranked(record: dict, where: str) -> tuple[list[str], list[bool] | None]:
+    """Responses best first, and their ``finished`` flags (if given) in the same order."""
     responses = record["responses"]
     if not isinstance(responses, list):
         raise _fail(where, f"field 'responses' must be a list, got {type(responses).__name__}")
     if len(responses) < 2:
         raise _fail(where, f"a ranking needs at least 2 responses, got {len(responses)}")
     texts = [_response(r, f"responses[{i}]", where) for i, r in enumerate(responses)]
+    finished = record.get("finished")
+    if finished is not None and (
+        not isinstance(finished, list)
+        or len(finished) != len(texts)
+        or not all(isinstance(f, bool) for f in finished)
+    ):
+        raise _fail(where, f"field 'finished' must be a list of {len(texts)} booleans, one per response")
     ranks = record.get("ranks")
     if ranks is None:
-        return texts
+        return texts, finished
     if not isinstance(ranks, list) or len(ranks) != len(texts):
         raise _fail(
             where, f"field 'ranks' must be a list of {len(texts)} integers (1 = best), one per response"
@@ -221,7 +235,8 @@ def _ranked(record: dict, where: str) -> list[str]:
         raise _fail(where, "field 'ranks' must hold integers (1 = best)")
     if len(set(ranks)) != len(ranks):
         raise _fail(where, f"field 'ranks' has ties {ranks}; a ranking must order every response strictly")
-    return [text for _, text in sorted(zip(ranks, texts))]
+    order = sorted(range(len(texts)), key=lambda i: ranks[i])
+    return [texts[i] for i in order], None if finished is None else [finished[i] for i in order]
 
 
 def to_preference_row(record: Any, where: str) -> PreferenceRow:
@@ -230,8 +245,10 @@ def to_preference_row(record: Any, where: str) -> PreferenceRow:
     if "responses" in record:
         if "prompt" not in record:
             raise _fail(where, "a ranking ('responses') needs a 'prompt' field")
-        prompt, responses = _prompt(record, "prompt", where), _ranked(record, where)
+        prompt = _prompt(record, "prompt", where)
+        responses, finished = _ranked(record, where)
     elif "chosen" in record and "rejected" in record:
+        finished = None
         if "prompt" in record:
             prompt = _prompt(record, "prompt", where)
             responses = [
@@ -248,7 +265,7 @@ def to_preference_row(record: Any, where: str) -> PreferenceRow:
         )
     if len({r.strip() for r in responses}) < len(responses):
         raise SkipRow("identical responses")
-    return PreferenceRow(prompt, responses, _margin(record, where))
+    return PreferenceRow(prompt, responses, _margin(record, where), finished)
 
 
 def to_prompt_row(record: Any, where: str) -> PromptRow:

@@ -38,6 +38,13 @@ def preference_example(
     }
 
 
+def encode_preference(tokenizer, row: PreferenceRow, max_length: int) -> dict:
+    """:func:`preference_example` of a canonical row: the prompt and each response, encoded once."""
+    finished = row.finished or [True] * len(row.responses)
+    encoded = [encode_pair(tokenizer, row.prompt, r, f) for r, f in zip(row.responses, finished)]
+    return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, max_length)
+
+
 def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
     """Flatten the responses of a batch of rankings and index their comparisons."""
     sequences, lengths, prompt_lengths, pairs, groups, margins = [], [], [], [], [], []
@@ -75,8 +82,7 @@ class PreferenceDataModule(TextDataModule):
         super().__init__(train=train, **kwargs)
 
     def encode(self, row: PreferenceRow) -> dict:
-        encoded = [encode_pair(self.tokenizer, row.prompt, r) for r in row.responses]
-        return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, self.max_length)
+        return encode_preference(self.tokenizer, row, self.max_length)
 
     def collate(self, examples: list[dict]) -> dict:
         return collate_preferences(examples, self.tokenizer.pad_token_id)

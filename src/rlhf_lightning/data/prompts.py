@@ -9,8 +9,8 @@ from __future__ import annotations
 from rlhf_lightning.data.base import TextDataModule
 from rlhf_lightning.data.batching import mask_of, pad
 from rlhf_lightning.data.formats import PreferenceRow, PromptRow, SkipRow, to_preference_row, to_prompt_row
-from rlhf_lightning.data.preference import collate_preferences, preference_example
-from rlhf_lightning.data.render import encode, encode_pair, prompt_text
+from rlhf_lightning.data.preference import collate_preferences, encode_preference
+from rlhf_lightning.data.render import encode, prompt_text
 
 
 class PromptDataModule(TextDataModule):
@@ -50,8 +50,7 @@ class PromptDataModule(TextDataModule):
         }
 
     def encode_val(self, row: PreferenceRow) -> dict:
-        encoded = [encode_pair(self.tokenizer, row.prompt, r) for r in row.responses]
-        return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, self.val_max_length)
+        return encode_preference(self.tokenizer, row, self.val_max_length)
 
     def collate_val(self, examples: list[dict]) -> dict:
         return collate_preferences(examples, self.tokenizer.pad_token_id)

@@ -25,10 +25,12 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
-def completion_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> str:
-    """The response as the model must produce it, ending with EOS."""
-    eos = tokenizer.eos_token
-    if isinstance(prompt, str):
+def completion_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str, finished: bool = True
+) -> str:
+    """The response as the model must produce it, ending with EOS (without it when not ``finished``)."""
+    eos = tokenizer.eos_token if finished else ""
+    if isinstance(prompt, str) or not finished:
         return completion + eos
     rendered_prompt = prompt_text(tokenizer, prompt)
     full = tokenizer.apply_chat_template(
@@ -43,9 +45,10 @@ def completion_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completi
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str, finished: bool = True
 ) -> tuple[list[int], list[int]]:
     """Prompt ids and completion ids, encoded separately so the boundary is exact."""
-    return encode(tokenizer, prompt_text(tokenizer, prompt)), encode(
-        tokenizer, completion_text(tokenizer, prompt, completion)
+    return (
+        encode(tokenizer, prompt_text(tokenizer, prompt)),
+        encode(tokenizer, completion_text(tokenizer, prompt, completion, finished)),
     )

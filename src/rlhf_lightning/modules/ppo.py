@@ -112,7 +112,7 @@ class PPOModule(LightningModule):
         lora: Train LoRA adapters on the policy instead of every weight (``None``: full fine-tuning).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         max_nonfinite_rollouts: Consecutive iterations with NaN/inf that stop the run (each one is skipped).
-        seed: Seed of the rollout sampling and minibatch order (offset by rank and iteration, so a
+        rollout_seed: Seed of the rollout sampling and minibatch order (offset by rank and iteration, so a
             resumed run continues the same streams).
         export_dir: Where the policy is exported in Hugging Face format at the end of ``fit``.
         trust_remote_code: Allow hub models to run their own code (off: only for repos you trust).
@@ -152,7 +152,7 @@ class PPOModule(LightningModule):
         lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
         max_nonfinite_rollouts: int = 3,
-        seed: int = 0,
+        rollout_seed: int = 0,
         export_dir: str | None = "runs/ppo/export",
         trust_remote_code: bool = False,
     ):
@@ -324,7 +324,7 @@ class PPOModule(LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         devices = [self.device] if self.device.type == "cuda" else []
         context = torch.random.fork_rng(devices=devices)
-        seed = self.hparams.seed * 1_000_003 + rank * 7_919 + self.rollouts
+        seed = self.hparams.rollout_seed * 1_000_003 + rank * 7_919 + self.rollouts
         return context, seed
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, Tensor]:
