@@ -29,90 +29,18 @@ from dataclasses import dataclass
 
 INSTRUCTGPT_AGREEMENT = 0.73
 _WORD = re.compile(r"[a-z']+")
-_STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "but",
-        "if",
-        "of",
-        "to",
-        "in",
-        "on",
-        "for",
-        "with",
-        "about",
-        "as",
-        "at",
-        "by",
-        "from",
-        "into",
-        "over",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "it",
-        "its",
-        "this",
-        "that",
-        "these",
-        "those",
-        "i",
-        "you",
-        "he",
-        "she",
-        "we",
-        "they",
-        "me",
-        "my",
-        "your",
-        "our",
-        "their",
-        "what",
-        "which",
-        "who",
-        "whom",
-        "how",
-        "why",
-        "when",
-        "where",
-        "can",
-        "could",
-        "should",
-        "would",
-        "will",
-        "shall",
-        "may",
-        "might",
-        "do",
-        "does",
-        "did",
-        "give",
-        "tell",
-        "write",
-        "make",
-        "explain",
-        "some",
-        "any",
-        "me",
-        "please",
-        "short",
-        "simple",
-        "three",
-        "few",
-        "one",
-        "two",
-        "using",
-        "like",
-    ]
+_FUNCTION_WORDS = (
+    "a an the and or but if of to in on for with about as at by from into over is are was were be been being "
+    "it its this that these those i you he she we they me my your our their what which who whom how why when "
+    "where can could should would will shall may might do does did give tell write make explain some any "
+    "please short simple three few one two using like"
 )
+# the demo prompts' instruction words say what to do, not what to talk about
+_INSTRUCTION_WORDS = (
+    "year old ten words keep tips better beginner know feel nervous advice kind note friend worried poem "
+    "story tiny describe sentences difference between"
+)
+_STOPWORDS = frozenset(_FUNCTION_WORDS.split()) | frozenset(_INSTRUCTION_WORDS.split())
 
 
 def words(text: str) -> list[str]:

@@ -24,7 +24,7 @@ def _cell(text: str) -> str:
 
 class RolloutSamples(Callback):
     """Every ``every_n_rollouts`` PPO iterations: a prompt/response/score table (``samples``) and a
-    histogram of the reward model's scores (``objective/scores_hist``) in TensorBoard.
+    histogram of the reward model's raw scores (``objective/raw_scores_hist``) in TensorBoard.
 
     Args:
         every_n_rollouts: How often to write, in PPO iterations.
@@ -50,10 +50,10 @@ class RolloutSamples(Callback):
             response = tokenizer.decode(
                 data["input_ids"][i, start:][data["mask"][i]], skip_special_tokens=False
             )
-            response = response.replace(tokenizer.pad_token, "")
             rows.append(f"| {_cell(prompt)[-200:]} | {_cell(response)} | {float(data['scores'][i]):.3f} |")
-        writer.add_text("samples", "\n".join(rows), pl_module.global_step)
-        writer.add_histogram("objective/scores_hist", data["scores"].float().cpu(), pl_module.global_step)
+        step = pl_module.rollouts - 1  # the scalars' x-axis: one point per PPO iteration
+        writer.add_text("samples", "\n".join(rows), step)
+        writer.add_histogram("objective/raw_scores_hist", data["scores"].float().cpu(), step)
 
 
 class CheckpointOnStop(Callback):

@@ -17,6 +17,8 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from rlhf_lightning.errors import InputError
+
 STAGES = ("sft", "reward", "ppo")
 USAGE = """usage: rlhf-lightning {sft,reward,ppo} {fit,validate} -c CONFIG [--key value ...]
        rlhf-lightning pipeline -c configs/pipeline.yaml
@@ -42,15 +44,12 @@ class StageCLI(LightningCLI):
 
 
 class PPOCLI(StageCLI):
-    """The PPO stage: the tokenizer follows the policy, and rollout samples go to TensorBoard by default."""
+    """The PPO stage: the tokenizer follows the policy, and every iteration is logged by default."""
 
     model_key = "policy"
 
     def __init__(self, *args, **kwargs):
-        from rlhf_lightning.callbacks import CheckpointOnStop, RolloutSamples
-
-        defaults = {"callbacks": [RolloutSamples(), CheckpointOnStop()], "log_every_n_steps": 1}
-        kwargs.setdefault("trainer_defaults", defaults)
+        kwargs.setdefault("trainer_defaults", {"log_every_n_steps": 1})
         super().__init__(*args, **kwargs)
 
 
@@ -101,16 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in STAGES:
-        run_stage(command, rest)
-        return 0
-    if command == "pipeline":
-        from rlhf_lightning.pipeline import main as pipeline_main
+    try:
+        if command in STAGES:
+            run_stage(command, rest)
+            return 0
+        if command == "pipeline":
+            from rlhf_lightning.pipeline import main as pipeline_main
 
-        return pipeline_main(rest)
-    if command == "evaluate":
-        from rlhf_lightning.evaluation import main as evaluate_main
+            return pipeline_main(rest)
+        if command == "evaluate":
+            from rlhf_lightning.evaluation import main as evaluate_main
 
-        return evaluate_main(rest)
+            return evaluate_main(rest)
+    except InputError as err:
+        print(f"rlhf-lightning {command}: error: {err}", file=sys.stderr)
+        return 2
     print(f"rlhf-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

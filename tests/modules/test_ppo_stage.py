@@ -232,7 +232,7 @@ def test_cli_run_logs_every_tag_and_exports(exports, tmp_path, write_jsonl):
     assert not missing, f"missing scalars {missing}; logged: {sorted(tags['scalars'])}"
     assert len(acc.Scalars("objective/scores")) == 2
     assert any(t.startswith("samples") for t in tags["tensors"]), tags["tensors"]
-    assert "objective/scores_hist" in tags["histograms"]
+    assert "objective/raw_scores_hist" in tags["histograms"]
     for tag in EXPECTED_SCALARS:
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
 
@@ -253,7 +253,7 @@ def test_lora_policy_with_adapter_disabled_reference(exports, tmp_path, read_sca
     assert module.reference is None
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     assert trainable
-    assert all(name.startswith("critic.") or "lora_" in name for name in trainable), trainable
+    assert all(name.startswith(("critic.", "value_head.")) or "lora_" in name for name in trainable), trainable
     assert any("lora_" in name for name in trainable)
     assert all(p.requires_grad for p in module.critic.parameters())
     base_before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_" not in n}
@@ -346,7 +346,7 @@ def test_nan_reward_every_iteration_stops_with_checkpoint(exports, tmp_path):
 
 # -- (g) the adaptive KL controller --------------------------------------------------------------
 def test_adaptive_kl_coefficient_changes(exports, tmp_path, read_scalars):
-    module = _module(exports, kl_coef=0.1, target_kl=0.5, kl_horizon=100)
+    module = _module(exports, kl_coef=0.1, adaptive_kl_target=0.5, adaptive_kl_horizon=100)
     trainer = _trainer(tmp_path, limit_train_batches=3)
     trainer.fit(module, _data(exports))
     scalars = read_scalars(_log_dir(trainer))

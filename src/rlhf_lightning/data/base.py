@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from rlhf_lightning.data.batching import LengthGroupedSampler, ResumableDataLoader
 from rlhf_lightning.data.formats import SkipRow
 from rlhf_lightning.data.sources import read_rows
+from rlhf_lightning.errors import ConfigurationError, DataFormatError
 from rlhf_lightning.models import DEFAULT_MODEL, load_tokenizer
 
 
@@ -58,11 +59,11 @@ class TextDataModule(LightningDataModule):
     ):
         super().__init__()
         if max_length < 2:
-            raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+            raise ConfigurationError(f"data.max_length must be at least 2, got {max_length}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+            raise ConfigurationError(f"data.batch_size must be at least 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigurationError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.train_source, self.val_source = train, val
         self.tokenizer_name = tokenizer
@@ -114,7 +115,7 @@ class TextDataModule(LightningDataModule):
                 skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
         self._count(skipped)
         if not out:
-            raise ValueError(f"{source}: every row was skipped ({skipped}); nothing left to use")
+            raise DataFormatError(f"{source}: every row was skipped ({skipped}); nothing left to use")
         return out
 
     def load_rows(self, source: str, split: str, parse) -> list:

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_lightning.errors import DataFormatError
+
 Message = dict[str, str]
 Prompt = str | list[Message]
 
@@ -33,10 +35,6 @@ PREFERENCE_FORMATS = (
 )
 PROMPT_FORMATS = "prompt, messages, text (HH transcript), or any SFT/preference format"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-class DataFormatError(ValueError):
-    """A row that cannot be read; the message names the row, the field and what was expected."""
 
 
 class SkipRow(Exception):

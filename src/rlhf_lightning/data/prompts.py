@@ -11,6 +11,7 @@ from rlhf_lightning.data.batching import mask_of, pad
 from rlhf_lightning.data.formats import PreferenceRow, PromptRow, SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
 from rlhf_lightning.data.render import encode, prompt_text
+from rlhf_lightning.errors import ConfigurationError
 
 
 class PromptDataModule(TextDataModule):
@@ -32,6 +33,10 @@ class PromptDataModule(TextDataModule):
         self, train: str = "bundled:prompts_train", max_length: int = 256, val_max_length: int = 512, **kwargs
     ):
         super().__init__(train=train, max_length=max_length, **kwargs)
+        if self.val_fraction:
+            raise ConfigurationError(
+                "data.val_fraction does not apply to prompts: validation takes preference pairs (data.val)"
+            )
         self.val_max_length = val_max_length
 
     def encode(self, row: PromptRow) -> dict:

@@ -19,17 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rlhf_lightning.data.formats import DataFormatError, SkipRow
+from rlhf_lightning.data.formats import SkipRow
+from rlhf_lightning.errors import DataFormatError, DataSourceError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_PREFIX = "bundled:"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 Row = TypeVar("Row")
-
-
-class DataSourceError(ValueError):
-    """A source that cannot be read at all (missing, empty, undecodable, unknown kind)."""
 
 
 def bundled_path(name: str) -> Path:

@@ -27,10 +27,11 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
     entropy_from_logits,
     hidden_states,
@@ -39,11 +40,12 @@ from rlhf_lightning.lm import (
     response_logits,
     sample,
     sequence_scores,
-    token_values,
+    suppressed_token,
 )
 from rlhf_lightning.models import (
     LoraOptions,
     apply_lora,
+    backbone,
     lm_head,
     load_causal_lm,
     load_reward_model,
@@ -55,6 +57,7 @@ from rlhf_lightning.modules.reward import STATS_FILE
 from rlhf_lightning.rl.gae import gae
 from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_lightning.rl.losses import masked_mean, policy_loss, value_loss
+from rlhf_lightning.rl.ranking import pair_accuracy
 from rlhf_lightning.rl.whiten import whiten
 from rlhf_lightning.schedules import deferred_schedule
 
@@ -74,6 +77,28 @@ def read_reward_stats(path: str) -> dict | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
+def value_head(source: nn.Linear, hidden_size: int | None = None, stats: dict | None = None) -> nn.Linear:
+    """A value head (with a bias) copied from a scalar reward head.
+
+    With ``stats`` (the reward's mean/std) the copy predicts ``(r - mean) / std``: the critic then starts
+    on the scale of the normalised rewards. A ``hidden_size`` that differs from the source's gets a
+    fresh head (std ``1/sqrt(hidden + 1)``) instead.
+    """
+    width = source.weight.shape[-1]
+    head = nn.Linear(hidden_size or width, 1)
+    with torch.no_grad():
+        if head.in_features != width:
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+            nn.init.zeros_(head.bias)
+            return head
+        head.weight.copy_(source.weight)
+        head.bias.copy_(source.bias if source.bias is not None else torch.zeros(1))
+        if stats is not None:
+            head.weight.div_(stats["std"])
+            head.bias.sub_(stats["mean"]).div_(stats["std"])
+    return head
+
+
 class PPOModule(LightningModule):
     """PPO for language models, one rollout + optimization per ``training_step``.
 
@@ -87,19 +112,19 @@ class PPOModule(LightningModule):
             critic model (one model fewer in memory; the value loss then also moves the policy).
         max_new_tokens: Longest response in tokens.
         temperature: Sampling temperature; log-probs for the PPO ratio use the same temperature.
-        top_k: Sample among the k most likely tokens (0: all).
-        top_p: Nucleus sampling threshold (1.0: off).
         normalize_reward: Standardise scores with the mean/std stored by the reward stage.
         missing_eos_penalty: Subtracted from the score of responses that never emit EOS (``None``: off).
         kl_coef: Initial KL coefficient beta.
         kl_estimator: Per-token KL estimator in the reward: ``k1`` (log-ratio) or ``k3`` (non-negative).
-        target_kl: Adapt beta toward this KL per response (Ziegler et al. 2019); ``None``: fixed beta.
-        kl_horizon: Horizon (in episodes) of the adaptive controller.
+        adaptive_kl_target: Adapt beta toward this KL per response (Ziegler et al. 2019; TRL's legacy
+            ``target``, not its early-stopping ``target_kl``); ``None``: fixed beta.
+        adaptive_kl_horizon: Horizon (in episodes) of the adaptive controller.
         gamma: Discount factor of GAE.
         lam: GAE lambda.
         whiten_rewards: Whiten the per-token rewards before GAE (mean kept).
         ppo_epochs: Passes over each rollout batch.
-        minibatch_size: Episodes per optimizer step; must divide the rollout batch (``data.batch_size``).
+        minibatch_size: Episodes per optimizer step on each device (the step averages gradients over
+            devices); must divide the rollout batch ``data.batch_size``.
         clip_range: Policy ratio clip epsilon.
         clip_range_value: Value clip epsilon.
         vf_coef: Weight of the value loss.
@@ -127,14 +152,12 @@ class PPOModule(LightningModule):
         share_critic_backbone: bool = False,
         max_new_tokens: int = 32,
         temperature: float = 0.7,
-        top_k: int = 0,
-        top_p: float = 1.0,
         normalize_reward: bool = True,
         missing_eos_penalty: float | None = None,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
-        target_kl: float | None = None,
-        kl_horizon: int = 10000,
+        adaptive_kl_target: float | None = None,
+        adaptive_kl_horizon: int = 10000,
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_rewards: bool = False,
@@ -158,16 +181,17 @@ class PPOModule(LightningModule):
     ):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
             )
-        if kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         lora = LoraOptions.of(lora)
+        if lora is not None and lora.dropout > 0:
+            raise ConfigurationError(
+                "model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout"
+            )
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = asdict(lora) if lora else None
         self.automatic_optimization = False
-        self.strict_loading = False  # frozen models are re-loaded from their names, not checkpointed
 
         self.tokenizer = load_tokenizer(policy, trust_remote_code)
         self.policy = load_causal_lm(policy, trust_remote_code)
@@ -181,17 +205,38 @@ class PPOModule(LightningModule):
         pad = self.tokenizer.pad_token_id
         self.reward_model = _freeze(load_reward_model(reward_model, trust_remote_code, pad_token_id=pad))
         self.reward_stats = read_reward_stats(reward_model) if normalize_reward else None
+        if normalize_reward and self.reward_stats is None:
+            rank_zero_warn(
+                f"model.normalize_reward is on but {reward_model} has no {STATS_FILE}: scores are used raw"
+            )
+        # The critic is a backbone plus a value head with a bias. Both start from the critic model (by
+        # default the reward model); with reward normalisation on, the head is rescaled so the initial
+        # values are on the scale of the normalised returns they are trained toward.
         if share_critic_backbone:
+            if critic is not None:
+                raise ConfigurationError(
+                    "model.critic must be null with share_critic_backbone: the policy is the critic"
+                )
             self.critic = None
-            self.value_head = self._value_head_from_reward_model()
+            source_head = score_head(self.reward_model)
         else:
-            self.critic = load_reward_model(critic or reward_model, trust_remote_code, pad_token_id=pad)
-            self.value_head = None
+            critic_model = load_reward_model(critic or reward_model, trust_remote_code, pad_token_id=pad)
+            if gradient_checkpointing:
+                critic_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            self.critic = backbone(critic_model)
+            source_head = score_head(critic_model)
+        stats = self.reward_stats if critic is None else None
+        self.value_head = value_head(
+            source_head, self.policy.config.hidden_size if self.critic is None else None, stats
+        )
         self._check_vocabularies()
-        if target_kl is None:
+        self.suppressed = suppressed_token(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        if adaptive_kl_target is None:
             self.kl_controller = FixedKLController(kl_coef)
         else:
-            self.kl_controller = AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+            self.kl_controller = AdaptiveKLController(kl_coef, adaptive_kl_target, adaptive_kl_horizon)
         self.rollouts = 0  # PPO iterations done; global_step counts optimizer steps instead
         self.episodes = 0
         self.nonfinite_rollouts = 0
@@ -210,19 +255,6 @@ class PPOModule(LightningModule):
         return self
 
     # -- construction helpers --------------------------------------------------------------------
-    def _value_head_from_reward_model(self) -> nn.Linear:
-        hidden = self.policy.config.hidden_size
-        head = nn.Linear(hidden, 1)
-        source = score_head(self.reward_model)
-        with torch.no_grad():
-            if source.weight.shape[-1] == hidden:
-                head.weight.copy_(source.weight)
-                head.bias.copy_(source.bias if source.bias is not None else torch.zeros(1))
-            else:
-                nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
-                nn.init.zeros_(head.bias)
-        return head
-
     def _check_vocabularies(self) -> None:
         sizes = {"policy": self.policy.get_input_embeddings().num_embeddings}
         for role, model in (
@@ -233,7 +265,9 @@ class PPOModule(LightningModule):
             if model is not None:
                 sizes[role] = model.get_input_embeddings().num_embeddings
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"PPO needs one tokenizer for all models; vocabulary sizes differ: {sizes}")
+            raise ConfigurationError(
+                f"PPO needs one tokenizer for all models; vocabulary sizes differ: {sizes}"
+            )
 
     @contextmanager
     def _reference_model(self):
@@ -253,10 +287,16 @@ class PPOModule(LightningModule):
             return
         mb, world = self.hparams.minibatch_size, self.trainer.world_size
         if mb < 1 or batch_size % mb:
-            raise ValueError(
+            raise ConfigurationError(
                 f"each PPO iteration samples data.batch_size={batch_size} responses per device and splits them "
                 f"into minibatches of model.minibatch_size={mb}; {batch_size} is not a multiple of {mb}. "
                 f"Pick a minibatch size that divides {batch_size}."
+            )
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ConfigurationError(
+                f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
+                "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
             )
         steps = self.hparams.ppo_epochs * batch_size // mb
         rank_zero_info(
@@ -266,17 +306,34 @@ class PPOModule(LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        critic_params = list((self.value_head or self.critic).parameters())
+        critic_params = [
+            *self.value_head.parameters(),
+            *(self.critic.parameters() if self.critic is not None else []),
+        ]
         groups = [
             {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.learning_rate},
             {"params": critic_params, "lr": h.critic_learning_rate or h.learning_rate},
         ]
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, eps=h.adam_eps, weight_decay=h.weight_decay)
-        # stepped once per PPO iteration (training_step); estimated_stepping_batches counts those
-        scheduler = deferred_schedule(
-            optimizer, lambda: self.trainer.estimated_stepping_batches, 0.0, h.lr_scheduler
-        )
+        scheduler = deferred_schedule(optimizer, self.total_iterations, 0.0, h.lr_scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_iterations(self) -> int:
+        """PPO iterations in this fit: batches x epochs, fewer if ``trainer.max_steps`` (optimizer steps) ends it."""
+        trainer = self.trainer
+        total = math.inf
+        if trainer.max_epochs not in (None, -1):
+            total = trainer.num_training_batches * trainer.max_epochs
+        if trainer.max_steps not in (None, -1):
+            batch = trainer.datamodule.batch_size
+            per_iteration = self.hparams.ppo_epochs * math.ceil(batch / self.hparams.minibatch_size)
+            total = min(total, math.ceil(trainer.max_steps / per_iteration))
+        if math.isinf(total):
+            raise ConfigurationError(
+                "PPO needs a bounded run for its learning-rate schedule: set trainer.max_epochs "
+                "(with trainer.limit_train_batches for the iterations per epoch) or trainer.max_steps"
+            )
+        return int(total)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = ("reference.", "reward_model.")
@@ -287,6 +344,8 @@ class PPOModule(LightningModule):
             "rollouts": self.rollouts,
             "episodes": self.episodes,
             "nonfinite_rollouts": self.nonfinite_rollouts,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
             "kl_controller": self.kl_controller.state_dict(),
         }
 
@@ -295,6 +354,12 @@ class PPOModule(LightningModule):
         self.rollouts = state.get("rollouts", 0)
         self.episodes = state.get("episodes", 0)
         self.nonfinite_rollouts = state.get("nonfinite_rollouts", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.consecutive_nonfinite = state.get("consecutive_nonfinite", 0)
+        # frozen models are not in checkpoints (they are loaded from their names): fill them in so the
+        # rest of the state dict still loads strictly
+        frozen = ("reference.", "reward_model.")
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(frozen)})
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
 
@@ -308,11 +373,22 @@ class PPOModule(LightningModule):
         self, input_ids: Tensor, attention_mask: Tensor, start: int
     ) -> tuple[Tensor, Tensor]:
         """Policy logits and critic values for the tokens from ``start`` on."""
-        if self.value_head is not None:
+        if self.critic is None:  # one backbone for both heads
             hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
             return lm_head(self.policy)(hidden), self.value_head(hidden).squeeze(-1)
         logits = response_logits(self.policy, input_ids, attention_mask, start)
-        return logits, token_values(self.critic, input_ids, attention_mask, start)
+        hidden = hidden_states(self.critic, input_ids, attention_mask)[:, start - 1 : -1]
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    def logprobs(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Log-probabilities under the distribution rollouts sample from (temperature, pad suppressed)."""
+        return logprobs_from_logits(logits, tokens, self.hparams.temperature, self.suppressed)
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """``ok`` on every rank: a rank that skips a backward pass others run would hang the gradient sync."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return ok
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
         if self.trainer is None or self.trainer.world_size == 1:
@@ -352,8 +428,6 @@ class PPOModule(LightningModule):
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             temperature=h.temperature,
-            top_k=h.top_k,
-            top_p=h.top_p,
         )
         width = int(response_mask.sum(-1).max())
         responses, response_mask = responses[:, :width], response_mask[:, :width]
@@ -361,12 +435,12 @@ class PPOModule(LightningModule):
         attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
 
         logits, values = self.policy_and_values(input_ids, attention_mask, start)
-        logprobs = logprobs_from_logits(logits, responses, h.temperature)
-        entropy = entropy_from_logits(logits, h.temperature)
+        logprobs = self.logprobs(logits, responses)
+        entropy = entropy_from_logits(logits, h.temperature, self.suppressed)
         del logits
         with self._reference_model() as reference:
-            ref_logprobs = logprobs_from_logits(
-                response_logits(reference, input_ids, attention_mask, start), responses, h.temperature
+            ref_logprobs = self.logprobs(
+                response_logits(reference, input_ids, attention_mask, start), responses
             )
         raw_scores, scores = self.score(input_ids, attention_mask, responses)
 
@@ -421,7 +495,7 @@ class PPOModule(LightningModule):
             finite = all(
                 torch.isfinite(data[k]).all() for k in ("scores", "advantages", "returns", "logprobs")
             )
-            if not self._guard_nonfinite(bool(finite), "rollout"):
+            if not self._guard_nonfinite(self._all_ranks(bool(finite)), "rollout"):
                 self._finish_iteration(data, {}, rollout_time, 0.0, skipped=True)
                 return
             began = time.perf_counter()
@@ -441,7 +515,7 @@ class PPOModule(LightningModule):
             for begin in range(0, n, h.minibatch_size):
                 mb = self._minibatch(data, order[begin : begin + h.minibatch_size].to(self.device))
                 logits, mb_values = self.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
-                new_logprobs = logprobs_from_logits(logits, mb["responses"], h.temperature)
+                new_logprobs = self.logprobs(logits, mb["responses"])
                 pg_loss, pg_stats = policy_loss(
                     new_logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range
                 )
@@ -449,7 +523,7 @@ class PPOModule(LightningModule):
                     mb_values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
                 )
                 loss = pg_loss + h.vf_coef * vf_loss
-                if not torch.isfinite(loss):
+                if not self._all_ranks(bool(torch.isfinite(loss))):
                     self._count_nonfinite_step("loss")
                     continue
                 optimizer.zero_grad()
@@ -461,7 +535,9 @@ class PPOModule(LightningModule):
                     continue
                 optimizer.step()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits, h.temperature), mb["mask"])
+                    entropy = masked_mean(
+                        entropy_from_logits(logits, h.temperature, self.suppressed), mb["mask"]
+                    )
                 for key, value in (
                     ("policy/approxkl_avg", pg_stats["approxkl"]),
                     ("policy/clipfrac_avg", pg_stats["clipfrac"]),
@@ -509,9 +585,12 @@ class PPOModule(LightningModule):
         self.rollouts += 1
         self.episodes += n * self.trainer.world_size
         kl_per_episode = data["kl"].sum(-1)
-        mean_kl = float(kl_per_episode.mean()) if not skipped else float("nan")
+        learning_rates = [group["lr"] for group in self.optimizers().param_groups]
         if not skipped:
-            self.kl_controller.update(mean_kl, n * self.trainer.world_size)
+            # every rank steers beta with the KL of the global batch, so all ranks shape rewards alike
+            count = torch.tensor(float(n), device=self.device)
+            totals = self._all_reduce(torch.stack([kl_per_episode.sum().float(), count]))
+            self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
@@ -525,8 +604,8 @@ class PPOModule(LightningModule):
             "objective/rlhf_reward": (data["scores"] + non_score).mean(),
             "objective/kl_coef": torch.tensor(self.kl_controller.value),
             "objective/response_length": mask.sum(-1).float().mean(),
-            "val/num_eos_tokens": (data["responses"] == self.tokenizer.eos_token_id).sum().float(),
-            "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "lr": torch.tensor(learning_rates[0]),
+            "lr_critic": torch.tensor(learning_rates[-1]),
             "episode": torch.tensor(float(self.episodes)),
             "rollouts": torch.tensor(float(self.rollouts)),
             "nonfinite/rollouts_skipped": torch.tensor(float(self.nonfinite_rollouts)),
@@ -535,10 +614,11 @@ class PPOModule(LightningModule):
             **stats,
         }
         metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
-        sync = {
-            k: v for k, v in metrics.items() if k not in ("episode", "rollouts", "objective/kl_coef", "lr")
-        }
+        same_on_all_ranks = ("episode", "rollouts", "objective/kl_coef", "lr", "lr_critic")
+        sync = {k: v for k, v in metrics.items() if k not in same_on_all_ranks}
         self.log_dict(sync, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
+        eos = (data["responses"] == self.tokenizer.eos_token_id).sum().float()
+        self.log("val/num_eos_tokens", eos, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
         self.log_dict(
             {k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n
         )
@@ -564,12 +644,11 @@ class PPOModule(LightningModule):
         with self._reference_model() as reference:
             implicit = implicit - self._sequence_logprob(reference, batch)
         for name, r in (("reward_model", rewards), ("policy", implicit)):
-            self.val_accuracy[name].update((r[pairs[:, 0]] > r[pairs[:, 1]]).float())
+            self.val_accuracy[name].update(pair_accuracy(r, pairs))
 
     def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = response_logits(model, ids, mask, 1)
-        logprobs = logprobs_from_logits(logits, ids[:, 1:], self.hparams.temperature)
+        logprobs = logprobs_from_logits(response_logits(model, ids, mask, 1), ids[:, 1:])  # likelihood: T = 1
         positions = torch.arange(1, ids.shape[1], device=ids.device)
         in_response = (positions[None, :] >= batch["prompt_lengths"][:, None]) & mask[:, 1:].bool()
         return (logprobs * in_response).sum(-1)

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, PearsonCorrCoef
 from rlhf_lightning.lm import sequence_scores
 from rlhf_lightning.models import load_reward_model
 from rlhf_lightning.modules.base import FinetuneModule
-from rlhf_lightning.rl.ranking import ranking_loss
+from rlhf_lightning.rl.ranking import pair_accuracy, ranking_loss
 
 STATS_FILE = "reward_stats.json"
 
@@ -74,7 +74,8 @@ class RewardModule(FinetuneModule):
             loss = loss + self.center_rewards_coef * rewards.pow(2).mean()
         n = int(batch["groups"].max()) + 1
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/preference_accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=n)
+        accuracy = pair_accuracy(rewards, batch["pairs"]).mean()
+        self.log("train/preference_accuracy", accuracy, prog_bar=True, batch_size=n)
         self.log("train/rewards_chosen", chosen.mean(), batch_size=n)
         self.log("train/rewards_rejected", rejected.mean(), batch_size=n)
         self.log("train/margin", (chosen - rejected).mean(), batch_size=n)
@@ -83,7 +84,7 @@ class RewardModule(FinetuneModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, rewards, chosen, rejected = self._step(batch)
         self.val_loss.update(loss, int(batch["groups"].max()) + 1)
-        self.val_accuracy.update((chosen > rejected).float())
+        self.val_accuracy.update(pair_accuracy(rewards, batch["pairs"]))
         self.val_chosen.update(chosen)
         self.val_rejected.update(rejected)
         self.val_reward.update(rewards)

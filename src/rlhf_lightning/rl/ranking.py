@@ -17,6 +17,11 @@ def all_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
+def pair_accuracy(rewards: Tensor, pairs: Tensor) -> Tensor:
+    """Per pair: 1 if the winner's reward is higher, 0.5 on a tie, 0 otherwise (``pairs``: winner, loser)."""
+    return torch.sign(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).add(1.0).div(2.0)
+
+
 def ranking_loss(rewards: Tensor, pairs: Tensor, groups: Tensor, margins: Tensor | None = None) -> Tensor:
     """InstructGPT's loss: per prompt, the mean Bradley-Terry loss of its C(K,2) pairs; then the mean over prompts.
 

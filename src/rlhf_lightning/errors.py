@@ -1,0 +1,25 @@
+"""Errors about the user's input: the CLI prints them as one line and exits with status 2.
+
+Each names where the problem is (file, row, field, option) and what was expected. Anything else that
+escapes is a bug and keeps its traceback.
+"""
+
+
+class InputError(ValueError):
+    """Bad input the user can act on."""
+
+
+class DataSourceError(InputError):
+    """A data source that cannot be read at all (missing, empty, undecodable, unknown kind)."""
+
+
+class DataFormatError(InputError):
+    """A row that cannot be read; the message names the row, the field and what was expected."""
+
+
+class ModelLoadError(InputError):
+    """A model or tokenizer name that cannot be resolved; the message says what was expected."""
+
+
+class ConfigurationError(InputError):
+    """Options that do not fit together (e.g. a minibatch that does not divide the rollout batch)."""

@@ -1,0 +1,95 @@
+"""The simulated annotator: a rubric a person would agree with, calibrated noise, and a known exploit."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from rlhf_lightning.annotator import (
+    INSTRUCTGPT_AGREEMENT,
+    SimulatedAnnotator,
+    calibrate_temperature,
+    expected_agreement,
+)
+from rlhf_lightning.data.sources import BUNDLED_DIR
+from rlhf_lightning.demo_data import load_manifest
+
+PROMPT = "Explain photosynthesis to a ten-year-old."
+GOOD = "Photosynthesis is how plants make food from sunlight, water and air. It is a wonderful process!"
+
+
+@pytest.fixture(scope="module")
+def annotator():
+    return SimulatedAnnotator()
+
+
+def test_rubric_prefers_what_a_person_would(annotator):
+    good = annotator.score(PROMPT, GOOD)
+    assert good > annotator.score(PROMPT, "Cars are fast and roads are long.")  # off topic
+    assert good > annotator.score(PROMPT, GOOD, finished=False)  # ran out of tokens
+    assert good > annotator.score(PROMPT, "plants plants plants plants plants plants plants")  # repetitive
+    assert good > annotator.score(
+        PROMPT, GOOD + " " + " ".join(["More words about plants and light."] * 8)
+    )  # long
+    assert good > annotator.score(PROMPT, "Photosynthesis is a terrible, awful, hateful process.")  # hostile
+
+
+def test_components_are_bounded(annotator):
+    parts = annotator.components(PROMPT, GOOD)
+    assert set(parts) == {"warmth", "on_topic", "concise", "finished", "fresh"}
+    assert -1.0 <= parts["warmth"] <= annotator.rubric.warmth_cap
+    assert all(0.0 <= parts[k] <= 1.0 for k in ("on_topic", "concise", "finished", "fresh"))
+    assert parts["on_topic"] == pytest.approx(1.0)  # "photosynthesis": the prompt's only content word
+
+
+def test_sentiment_stuffing_is_the_known_exploit(annotator):
+    """Gushing raises VADER sentiment (what a proxy trained on warm answers learns to pay for) but not gold."""
+    stuffed = GOOD + " Wonderful amazing great happy love joy wonderful amazing great happy love joy!"
+    vader = annotator._vader.polarity_scores
+    assert vader(stuffed)["compound"] > vader(GOOD)["compound"]
+    assert annotator.score(PROMPT, stuffed) < annotator.score(PROMPT, GOOD)
+
+
+def test_calibration_hits_the_target_agreement():
+    rng = random.Random(0)
+    gaps = [rng.gauss(0, 0.6) for _ in range(500)]
+    temperature = calibrate_temperature(gaps, 0.73)
+    assert expected_agreement(gaps, temperature) == pytest.approx(0.73, abs=1e-6)
+    assert calibrate_temperature(gaps, 0.9) < temperature  # less noise, more agreement
+
+
+def test_labels_agree_with_the_noise_free_ranking_73_percent_of_the_time():
+    """Bradley-Terry draws on the bundled training pairs, at the calibrated temperature, agree ~73%."""
+    manifest = load_manifest()
+    annotator = SimulatedAnnotator(temperature=manifest["annotator"]["temperature"])
+    samples = [json.loads(line) for line in (BUNDLED_DIR / "samples.jsonl").read_text().splitlines()]
+    golds = [
+        [annotator.score(s["prompt"], t, f) for t, f in zip(s["responses"], s["finished"]) if t]
+        for s in samples
+    ]
+    pairs = [(a, b) for g in golds for a, b in itertools.combinations(g, 2) if a != b]
+    rng = random.Random(1)
+    draws = 20
+    agree = sum(annotator.compare(a, b, rng) == (a > b) for a, b in pairs for _ in range(draws))
+    n = len(pairs) * draws
+    agreement = agree / n
+    stderr = (agreement * (1 - agreement) / n) ** 0.5
+    # the bundled temperature was calibrated on the training prompts; all prompts agree within a few points
+    assert abs(agreement - INSTRUCTGPT_AGREEMENT) < 0.02 + 4 * stderr, agreement
+
+
+def test_rank_is_a_permutation_whose_pairs_follow_bradley_terry():
+    annotator = SimulatedAnnotator(temperature=0.5)
+    rng = random.Random(0)
+    golds = [1.0, 0.5, 0.0]
+    wins = 0
+    for _ in range(4000):
+        order = annotator.rank(golds, rng)
+        assert sorted(order) == [0, 1, 2]
+        wins += order.index(0) < order.index(2)
+    # Plackett-Luce with two items' marginal: P(0 before 2) is not exactly BT(0, 2) with a third item,
+    # but it must favour the better item clearly and stay below certainty.
+    assert 0.8 < wins / 4000 < 0.98

@@ -1,0 +1,82 @@
+"""The bundled demo data is consistent: K responses, valid rankings, no prompt shared across splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_lightning.data.formats import to_preference_row, to_prompt_row, to_sft_row
+from rlhf_lightning.data.sources import BUNDLED_DIR, read_rows
+from rlhf_lightning.demo_data import FILES, demo_prompts, load_manifest
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (BUNDLED_DIR / f"{name}.jsonl").read_text().splitlines()]
+
+
+def _prompt(row: dict) -> str:
+    return row["prompt"][-1]["content"]
+
+
+def test_manifest_records_the_recipe_and_sizes():
+    manifest = load_manifest()
+    assert manifest["command"].startswith("python scripts/make_demo_data.py")
+    assert manifest["sampling"]["model"] == "bundled:SmolLM2-135M-Instruct"
+    assert manifest["sampling"]["k"] == 4
+    assert manifest["annotator"]["expected_agreement"] == pytest.approx(0.73, abs=1e-3)
+    for name in FILES:
+        assert manifest["sizes"][name] == len(_rows(name)), name
+
+
+@pytest.mark.parametrize(
+    "name,parse", [("sft_train", to_sft_row), ("sft_val", to_sft_row), ("preferences_train", to_preference_row),
+                   ("preferences_val", to_preference_row), ("prompts_train", to_prompt_row),
+                   ("eval_prompts", to_prompt_row), ("eval_preferences", to_preference_row)],
+)  # fmt: skip
+def test_every_bundled_file_parses_without_skips(name, parse):
+    rows, skipped = read_rows(f"bundled:{name}", parse)
+    assert len(rows) == load_manifest()["sizes"][name]
+    assert skipped == {}
+
+
+def test_rankings_have_k_responses_and_strict_ranks():
+    k = load_manifest()["sampling"]["k"]
+    for row in _rows("preferences_train") + _rows("preferences_val"):
+        n = len(row["responses"])
+        assert 2 <= n <= k
+        assert sorted(row["ranks"]) == list(range(1, n + 1))
+        assert len(row["finished"]) == n
+
+
+def test_demonstrations_are_finished_responses_of_their_prompt():
+    samples = {s["prompt"]: s for s in _rows("samples")}
+    for row in _rows("sft_train"):
+        sample = samples[_prompt(row)]
+        i = sample["responses"].index(row["completion"])
+        assert sample["finished"][i]
+
+
+def test_no_prompt_leaks_between_training_and_held_out_data():
+    train = {_prompt(r) for name in ("sft_train", "sft_val", "preferences_train", "preferences_val",
+                                     "prompts_train") for r in _rows(name)}  # fmt: skip
+    held_out = {_prompt(r) for name in ("eval_prompts", "eval_preferences") for r in _rows(name)}
+    assert train and held_out
+    assert not train & held_out
+
+
+def test_held_out_pairs_are_ordered_by_the_noise_free_gold_score():
+    from rlhf_lightning.annotator import SimulatedAnnotator
+
+    annotator = SimulatedAnnotator()
+    for row in _rows("eval_preferences")[:60]:
+        better, worse = row["responses"]
+        gold = [annotator.score(_prompt(row), t, f) for t, f in zip(row["responses"], row["finished"])]
+        assert gold[0] > gold[1]
+        assert row["gold_margin"] == pytest.approx(gold[0] - gold[1], abs=1e-9)
+
+
+def test_demo_prompts_are_distinct_and_cover_every_task():
+    prompts = demo_prompts(200)
+    assert len({p["text"] for p in prompts}) == 200
+    assert {p["task"] for p in prompts} == {"explain", "advice", "support", "creative", "compare"}

@@ -1,0 +1,59 @@
+"""The whole pipeline on tiny configs: every stage, the evaluation, the report and its plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf_lightning.cli import main
+
+TINY_PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "pipeline.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline")
+    assert main(["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(run)]) == 0
+    return run
+
+
+def test_pipeline_writes_every_export(run_dir):
+    for stage in ("sft", "ppo"):
+        AutoModelForCausalLM.from_pretrained(run_dir / stage / "export")
+    reward = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward" / "export")
+    assert reward.config.num_labels == 1
+    assert json.loads((run_dir / "reward" / "export" / "reward_stats.json").read_text())["std"] > 0
+
+
+def test_each_stage_ran_from_a_config_that_chains_the_exports(run_dir):
+    import yaml
+
+    reward = yaml.safe_load((run_dir / "reward" / "config.yaml").read_text())
+    assert reward["model"]["init_args"]["model"] == str(run_dir / "sft" / "export")
+    ppo = yaml.safe_load((run_dir / "ppo" / "config.yaml").read_text())
+    assert ppo["model"]["init_args"]["policy"] == str(run_dir / "sft" / "export")
+    assert ppo["model"]["init_args"]["reward_model"] == str(run_dir / "reward" / "export")
+
+
+def test_report_and_plots(run_dir, read_scalars):
+    report = (run_dir / "report.md").read_text()
+    for heading in ("| goal |", "## Policies on held-out prompts", "## Win rates", "ppo_curves.png"):
+        assert heading in report
+    for plot in ("ppo_curves.png", "evaluation.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = json.loads((run_dir / "evaluation.json").read_text())
+    assert set(figures["policies"]) == {"ppo", "sft", "base"}
+    assert 0.0 <= figures["win_rates"]["ppo_vs_sft"] <= 1.0
+    assert 0.0 <= figures["reward_model_accuracy"] <= 1.0
+    assert figures["n_samples"] == 50
+    scalars = read_scalars(run_dir / "tb" / "ppo")
+    assert len(scalars["objective/scores"]) == 4
+
+
+def test_a_finished_pipeline_is_not_redone(run_dir):
+    before = (run_dir / "ppo" / "export" / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(run_dir)]) == 0
+    assert (run_dir / "ppo" / "export" / "model.safetensors").stat().st_mtime_ns == before
