@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     run, out = Path(args.run_dir), Path(args.out)
     sft, reward = run / "sft" / "export", run / "reward" / "export"
-    options = EvaluationOptions(samples_per_prompt=args.samples_per_prompt)
+    options = EvaluationOptions(samples_per_prompt=args.samples_per_prompt, preferences=None)
     temperature = load_manifest()["annotator"]["temperature"]
     results = []
     for beta in args.betas:

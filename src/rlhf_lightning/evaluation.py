@@ -74,6 +74,7 @@ def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
 
 @torch.no_grad()
 def _sample_policy(
+    name: str,
     model_dir: str,
     prompts: list[str],
     options: EvaluationOptions,
@@ -87,7 +88,9 @@ def _sample_policy(
     out = PolicySamples()
     torch.manual_seed(options.seed)
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    for begin in range(0, len(prompts), options.batch_size):
+    from tqdm.auto import tqdm
+
+    for begin in tqdm(range(0, len(prompts), options.batch_size), desc=f"sampling {name}"):
         chunk = [encode(tokenizer, p) for p in prompts[begin : begin + options.batch_size]]
         ids, mask = pad(chunk, pad_id, left=True), mask_of(chunk, left=True)
         responses, response_mask = sample(
@@ -132,8 +135,10 @@ def reward_model_accuracy(
             SkipRow
         ):  # counted by read_rows' callers elsewhere; here a pair that cannot be scored is left out
             continue
+    from tqdm.auto import tqdm
+
     correct = []
-    for begin in range(0, len(examples), batch_size):
+    for begin in tqdm(range(0, len(examples), batch_size), desc="reward-model accuracy"):
         batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)
         rewards = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
         correct += pair_accuracy(rewards, batch["pairs"]).tolist()
@@ -166,7 +171,7 @@ def evaluate(
     rm = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
     reference = load_causal_lm(sft).eval()
     samples = {
-        name: _sample_policy(path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts)
+        name: _sample_policy(name, path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts)
         for name, path in policies.items()
     }
     report: dict = {"options": asdict(options), "policies": {}, "win_rates": {}, "n_samples": len(rendered)}

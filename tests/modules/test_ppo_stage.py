@@ -21,15 +21,6 @@ TARGET = "a"  # the token the toy reward asks for
 WORDS = ["hello", "tell me", "a story", "why", "what is", "the cat", "dogs", "sky"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add spin-wait overhead (100x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save(model, directory: Path) -> str:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
@@ -253,7 +244,9 @@ def test_lora_policy_with_adapter_disabled_reference(exports, tmp_path, read_sca
     assert module.reference is None
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     assert trainable
-    assert all(name.startswith(("critic.", "value_head.")) or "lora_" in name for name in trainable), trainable
+    assert all(name.startswith(("critic.", "value_head.")) or "lora_" in name for name in trainable), (
+        trainable
+    )
     assert any("lora_" in name for name in trainable)
     assert all(p.requires_grad for p in module.critic.parameters())
     base_before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_" not in n}

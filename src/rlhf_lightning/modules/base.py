@@ -14,6 +14,21 @@ from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, apply_lora, load_t
 from rlhf_lightning.schedules import deferred_schedule
 
 
+def adamw(
+    groups: list[tuple[list[nn.Parameter], float]], weight_decay: float, eps: float
+) -> torch.optim.AdamW:
+    """AdamW over ``(parameters, learning rate)`` groups of trainable parameters; biases and norm weights
+    (1-d tensors) get no weight decay."""
+    param_groups = []
+    for params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        param_groups.append(
+            {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay}
+        )
+        param_groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], eps=eps)
+
+
 class FinetuneModule(LightningModule):
     """A Hugging Face backbone fine-tuned with AdamW and exported in Hugging Face format at the end of fit.
 
@@ -77,18 +92,8 @@ class FinetuneModule(LightningModule):
         return None
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.learning_rate,
-            eps=self.hparams.adam_eps,
-        )
         h = self.hparams
+        optimizer = adamw([(list(self.parameters()), h.learning_rate)], h.weight_decay, h.adam_eps)
         scheduler = deferred_schedule(
             optimizer, lambda: self.trainer.estimated_stepping_batches, h.warmup_ratio, h.lr_scheduler
         )

@@ -53,6 +53,7 @@ from rlhf_lightning.models import (
     save_hf,
     score_head,
 )
+from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.reward import STATS_FILE
 from rlhf_lightning.rl.gae import gae
 from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -311,12 +312,13 @@ class PPOModule(LightningModule):
             *(self.critic.parameters() if self.critic is not None else []),
         ]
         groups = [
-            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.learning_rate},
-            {"params": critic_params, "lr": h.critic_learning_rate or h.learning_rate},
+            (list(self.policy.parameters()), h.learning_rate),
+            (critic_params, h.critic_learning_rate or h.learning_rate),
         ]
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, eps=h.adam_eps, weight_decay=h.weight_decay)
+        optimizer = adamw(groups, h.weight_decay, h.adam_eps)
+        # stepped by training_step once per PPO iteration (manual optimization)
         scheduler = deferred_schedule(optimizer, self.total_iterations, 0.0, h.lr_scheduler)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def total_iterations(self) -> int:
         """PPO iterations in this fit: batches x epochs, fewer if ``trainer.max_steps`` (optimizer steps) ends it."""
