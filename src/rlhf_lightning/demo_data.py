@@ -33,7 +33,7 @@ from rlhf_lightning.annotator import (
     calibrate_temperature,
     expected_agreement,
 )
-from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.render import encode, prompt_text
 from rlhf_lightning.lm import sample
 from rlhf_lightning.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
@@ -178,8 +178,7 @@ def generate_responses(
         ids = [encode(tokenizer, prompt_text(tokenizer, _messages(p))) for p in chunk for _ in range(k)]
         responses, mask = sample(
             model,
-            pad(ids, tokenizer.pad_token_id, left=True),
-            mask_of(ids, left=True),
+            *left_padded(ids, tokenizer.pad_token_id),
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.annotator import SimulatedAnnotator
-from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
 from rlhf_lightning.data.render import encode, prompt_text
@@ -92,7 +92,7 @@ def _sample_policy(
 
     for begin in tqdm(range(0, len(prompts), options.batch_size), desc=f"sampling {name}"):
         chunk = [encode(tokenizer, p) for p in prompts[begin : begin + options.batch_size]]
-        ids, mask = pad(chunk, pad_id, left=True), mask_of(chunk, left=True)
+        ids, mask = left_padded(chunk, pad_id)
         responses, response_mask = sample(
             model,
             ids,

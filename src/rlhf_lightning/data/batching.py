@@ -29,6 +29,11 @@ def mask_of(sequences: Sequence[Sequence[int]], left: bool = False) -> Tensor:
     return pad([[1] * len(s) for s in sequences], 0, left=left)
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts for generation: ids left-padded to the longest, and their attention mask."""
+    return pad(sequences, pad_token_id, left=True), mask_of(sequences, left=True)
+
+
 class LengthGroupedSampler(Sampler[int]):
     """Shuffled order in which neighbours have similar lengths.
 

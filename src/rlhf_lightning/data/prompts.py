@@ -7,7 +7,7 @@ they always come from the current policy, and under DDP each rank gets its own s
 from __future__ import annotations
 
 from rlhf_lightning.data.base import TextDataModule
-from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import PreferenceRow, PromptRow, SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
 from rlhf_lightning.data.render import encode, prompt_text
@@ -48,11 +48,10 @@ class PromptDataModule(TextDataModule):
         return {"input_ids": ids}
 
     def collate(self, examples: list[dict]) -> dict:
-        ids = [e["input_ids"] for e in examples]
-        return {
-            "input_ids": pad(ids, self.tokenizer.pad_token_id, left=True),
-            "attention_mask": mask_of(ids, left=True),
-        }
+        input_ids, attention_mask = left_padded(
+            [e["input_ids"] for e in examples], self.tokenizer.pad_token_id
+        )
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def encode_val(self, row: PreferenceRow) -> dict:
         return encode_preference(self.tokenizer, row, self.val_max_length)
