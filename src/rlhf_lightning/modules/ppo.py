@@ -72,6 +72,20 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the weights of ``model``'s linear layers in ``dtype``; embeddings and norms keep theirs.
+
+    For a frozen model run under autocast to ``dtype`` this changes no number: autocast would cast
+    those weights to ``dtype`` before every matmul anyway. It halves their memory (bf16) and skips the
+    casts. A linear layer tied to the input embedding is left alone, so the embedding stays exact.
+    """
+    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight is not tied:
+            module.to(dtype)
+    return model
+
+
 def read_reward_stats(path: str) -> dict | None:
     """The reward normalisation stats stored beside a reward-model export, if any."""
     file = Path(path) / STATS_FILE
@@ -283,6 +297,18 @@ class PPOModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ConfigurationError(
+                f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
+                "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
+            )
+        if (
+            precision == "bf16-mixed"
+        ):  # every forward runs under bf16 autocast: frozen matmuls are bf16 anyway
+            for frozen in (self.reference, self.reward_model):
+                if frozen is not None:
+                    linear_weights_to(frozen, torch.bfloat16)
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if batch_size is None:
             return
@@ -292,12 +318,6 @@ class PPOModule(LightningModule):
                 f"each PPO iteration samples data.batch_size={batch_size} responses per device and splits them "
                 f"into minibatches of model.minibatch_size={mb}; {batch_size} is not a multiple of {mb}. "
                 f"Pick a minibatch size that divides {batch_size}."
-            )
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise ConfigurationError(
-                f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
-                "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
             )
         steps = self.hparams.ppo_epochs * batch_size // mb
         rank_zero_info(
@@ -379,8 +399,12 @@ class PPOModule(LightningModule):
             hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
             return lm_head(self.policy)(hidden), self.value_head(hidden).squeeze(-1)
         logits = response_logits(self.policy, input_ids, attention_mask, start)
+        return logits, self.critic_values(input_ids, attention_mask, start)
+
+    def critic_values(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """The separate critic's values for the tokens from ``start`` on."""
         hidden = hidden_states(self.critic, input_ids, attention_mask)[:, start - 1 : -1]
-        return logits, self.value_head(hidden).squeeze(-1)
+        return self.value_head(hidden).squeeze(-1)
 
     def logprobs(self, logits: Tensor, tokens: Tensor) -> Tensor:
         """Log-probabilities under the distribution rollouts sample from (temperature, pad suppressed)."""
@@ -393,7 +417,7 @@ class PPOModule(LightningModule):
         return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
@@ -416,9 +440,32 @@ class PPOModule(LightningModule):
             scores = scores - self.hparams.missing_eos_penalty * (~has_eos).float()
         return raw, scores
 
+    @contextmanager
+    def _weights_cast_once(self):
+        """Under mixed precision, cast each trainable weight once for a region where weights do not change.
+
+        Lightning's autocast runs without autocast's weight cache (weights change between optimizer steps
+        inside one ``training_step``), so every forward would cast every weight again: 33 times per
+        rollout of 32 tokens. The rollout changes no weight, so the cache is exact there; it is dropped
+        on the way out.
+        """
+        device = self.device.type
+        if not torch.is_autocast_enabled(device) or torch.is_autocast_cache_enabled():
+            yield
+            return
+        try:
+            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=True):
+                yield
+        finally:
+            torch.clear_autocast_cache()
+
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
         """Sample responses and compute everything PPO needs about them (no gradients)."""
+        with self._weights_cast_once():
+            return self._rollout(batch)
+
+    def _rollout(self, batch: dict) -> dict:
         h = self.hparams
         prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
         start = prompts.shape[1]
@@ -516,30 +563,19 @@ class PPOModule(LightningModule):
             order = torch.randperm(n)
             for begin in range(0, n, h.minibatch_size):
                 mb = self._minibatch(data, order[begin : begin + h.minibatch_size].to(self.device))
-                logits, mb_values = self.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
-                new_logprobs = self.logprobs(logits, mb["responses"])
-                pg_loss, pg_stats = policy_loss(
-                    new_logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range
-                )
-                vf_loss, vf_stats = value_loss(
-                    mb_values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
-                )
-                loss = pg_loss + h.vf_coef * vf_loss
-                if not self._all_ranks(bool(torch.isfinite(loss))):
+                optimizer.zero_grad()
+                losses = self._minibatch_backward(mb)
+                if losses is None:
+                    optimizer.zero_grad()
                     self._count_nonfinite_step("loss")
                     continue
-                optimizer.zero_grad()
-                self.manual_backward(loss)
+                pg_loss, vf_loss, pg_stats, vf_stats, entropy = losses
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, h.max_grad_norm or float("inf"))
                 if not torch.isfinite(grad_norm):
                     optimizer.zero_grad()
                     self._count_nonfinite_step("gradient")
                     continue
                 optimizer.step()
-                with torch.no_grad():
-                    entropy = masked_mean(
-                        entropy_from_logits(logits, h.temperature, self.suppressed), mb["mask"]
-                    )
                 for key, value in (
                     ("policy/approxkl_avg", pg_stats["approxkl"]),
                     ("policy/clipfrac_avg", pg_stats["clipfrac"]),
@@ -555,6 +591,41 @@ class PPOModule(LightningModule):
         if "val/ratio" in records:
             stats["val/ratio_var"] = torch.stack(records["val/ratio"]).var(unbiased=False)
         return stats
+
+    def _minibatch_backward(self, mb: dict) -> tuple | None:
+        """Gradients of ``policy loss + vf_coef * value loss`` on one minibatch; ``None`` if a loss is NaN/inf.
+
+        With a separate critic on one device the two losses touch disjoint parameters, so each network is
+        back-propagated on its own right after its forward: the gradients are those of one backward of
+        the sum, but only one network's activations are alive at a time. Data-parallel strategies expect
+        one backward that reaches every parameter, so there the sum is back-propagated at once.
+        """
+        h = self.hparams
+        ids, mask, start = mb["input_ids"], mb["attention_mask"], mb["start"]
+        split = self.critic is not None and (self._trainer is None or self.trainer.world_size == 1)
+        if split:
+            logits = response_logits(self.policy, ids, mask, start)
+        else:
+            logits, values = self.policy_and_values(ids, mask, start)
+        pg_loss, pg_stats = policy_loss(
+            self.logprobs(logits, mb["responses"]), mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range
+        )
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits, h.temperature, self.suppressed), mb["mask"])
+        del logits
+        if split:
+            if not torch.isfinite(pg_loss):
+                return None
+            self.manual_backward(pg_loss)
+            values = self.critic_values(ids, mask, start)
+        vf_loss, vf_stats = value_loss(
+            values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
+        )
+        loss = h.vf_coef * vf_loss if split else pg_loss + h.vf_coef * vf_loss
+        if not self._all_ranks(bool(torch.isfinite(loss))):
+            return None
+        self.manual_backward(loss)
+        return pg_loss.detach(), vf_loss.detach(), pg_stats, vf_stats, entropy
 
     def _count_nonfinite_step(self, what: str) -> None:
         """A minibatch whose loss or gradient is NaN/inf: its update is skipped and counted."""

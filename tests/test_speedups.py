@@ -1,0 +1,197 @@
+"""Each speed or memory change keeps the numbers: exactly, or within the tolerance stated here.
+
+- fused AdamW = the reference AdamW;
+- frozen models stored in bf16 = fp32 weights under bf16 autocast (bit for bit);
+- bf16 autocast log-probs = fp32 ones within 0.08 nats per token on average (the real model);
+- PPO's one-network-at-a-time backward = one backward of the summed loss;
+- bf16 PPO = fp32 PPO within 2% on the statistics of an iteration, with every minibatch on the
+  weights the previous step left and the rollout's weight-cast cache dropped before the update.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from rlhf_lightning.lm import response_logits, response_logprobs
+from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_lightning.modules.base import adamw
+from rlhf_lightning.modules.ppo import PPOModule, linear_weights_to
+
+
+def test_fused_adamw_matches_reference_adamw():
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny:llama")
+    twin = copy.deepcopy(model)
+    fused = adamw([(list(model.parameters()), 1e-2)], weight_decay=0.1, eps=1e-8)
+    assert all(group["fused"] for group in fused.param_groups)
+    reference = torch.optim.AdamW(
+        [
+            {"params": [p for p in twin.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in twin.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        eps=1e-8,
+        foreach=False,
+    )
+    ids = torch.randint(3, 250, (2, 12))
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (twin, reference)):
+            optimizer.zero_grad()
+            net(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["causal", "reward"])
+def test_frozen_model_in_bf16_equals_fp32_weights_under_autocast(kind):
+    load = load_causal_lm if kind == "causal" else load_reward_model
+    fp32 = load("tiny:llama").eval()
+    bf16 = linear_weights_to(copy.deepcopy(fp32), torch.bfloat16)
+    linears = [m for m in bf16.modules() if isinstance(m, torch.nn.Linear)]
+    embedding = bf16.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32  # embeddings (and a head tied to them) keep fp32
+    assert {m.weight.dtype for m in linears if m.weight is not embedding} == {torch.bfloat16}
+    ids = torch.randint(3, 250, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        if kind == "causal":
+            expected, got = (response_logits(m, ids, mask, 4) for m in (fp32, bf16))
+        else:
+            expected, got = (m(input_ids=ids, attention_mask=mask).logits for m in (fp32, bf16))
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_logprobs_of_the_real_model_are_close_to_fp32():
+    name = "bundled:SmolLM2-135M-Instruct"
+    tokenizer, model = load_tokenizer(name), load_causal_lm(name).eval()
+    chats = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in [
+            ("What is the capital of France?", "The capital of France is Paris, a city of art and food."),
+            ("Write a kind note to a friend.", "Dear Sam, I am proud of you; you will do great tomorrow."),
+        ]
+    ]
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    with torch.no_grad():
+        fp32 = response_logprobs(model, ids, mask, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = response_logprobs(model, ids, mask, 1)
+    valid = mask[:, 1:].bool()
+    error = (bf16 - fp32)[valid].abs()
+    # Measured on this pair: 0.043 mean, 0.20 max per token; 0.3% of each sequence's log-probability.
+    assert error.mean() < 0.08 and error.max() < 0.4, (error.mean(), error.max())
+    sequence = (fp32 * valid).sum(-1)
+    assert ((((bf16 - fp32) * valid).sum(-1)).abs() < 0.01 * sequence.abs()).all()
+
+
+def _tiny_ppo(tmp_path, **kwargs) -> tuple[PPOModule, dict]:
+    from rlhf_lightning.data.prompts import PromptDataModule
+
+    policy = tmp_path / "policy"
+    load_causal_lm("tiny:llama").save_pretrained(policy)
+    load_tokenizer("tiny:llama").save_pretrained(policy)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "say {w}"}}\n' for w in "abcdefgh"))
+    options = {"max_new_tokens": 6, "ppo_epochs": 1, "minibatch_size": 8, "learning_rate": 1e-3}
+    module = PPOModule(
+        policy=str(policy), reward_model="tiny:llama", export_dir=None, **{**options, **kwargs}
+    )
+    data = PromptDataModule(train=str(prompts), tokenizer=str(policy), batch_size=8, max_length=32)
+    return module, data
+
+
+def test_split_backward_gives_the_gradients_of_the_summed_loss(tmp_path):
+    torch.manual_seed(0)
+    module, data = _tiny_ppo(tmp_path)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.manual_backward = lambda loss: loss.backward()  # no trainer: a plain backward
+    with torch.no_grad():
+        rollout = module.rollout(batch)
+    mb = module._minibatch(rollout, torch.arange(8))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    module.zero_grad()
+    pg_loss, vf_loss, *_ = module._minibatch_backward(mb)
+    split = [p.grad.clone() for p in trainable]
+
+    module.zero_grad()
+    from rlhf_lightning.rl.losses import policy_loss, value_loss
+
+    logits, values = module.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
+    pg, _ = policy_loss(
+        module.logprobs(logits, mb["responses"]), mb["logprobs"], mb["advantages"], mb["mask"], 0.2
+    )
+    vf, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], 0.2)
+    (pg + module.hparams.vf_coef * vf).backward()
+    torch.testing.assert_close(pg, pg_loss)
+    torch.testing.assert_close(vf, vf_loss)
+    assert sum(g.abs().sum() for g in split) > 0
+    for got, p in zip(split, trainable):
+        torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5)
+
+
+def _one_iteration(tmp_path, precision: str) -> tuple[dict, list[tuple[bool, bool]], PPOModule]:
+    torch.manual_seed(0)
+    module, data = _tiny_ppo(tmp_path / precision, ppo_epochs=4, learning_rate=3e-3)
+    seen, autocast = [], []
+    original = module.optimize
+
+    def optimize(rollout):
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        seen.append(original(rollout))
+        return seen[-1]
+
+    module.optimize = optimize
+    trainer = Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return seen[0], autocast, module
+
+
+def test_bf16_ppo_iteration_matches_fp32(tmp_path):
+    """4 epochs on one minibatch: epochs 2-4 see the policy move, so the approximate KL measures the update.
+    A weight-cast cache left on during the update would keep every epoch on the rollout's weights."""
+    fp32, _, _ = _one_iteration(tmp_path, "32-true")
+    bf16, autocast, module = _one_iteration(tmp_path, "bf16-mixed")
+    assert autocast == [(True, False)]  # bf16 autocast on, weight cache off while the weights change
+    assert fp32["policy/approxkl_avg"] > 1e-2  # measured 0.100 (bf16: 0.09997)
+    for key in ("policy/approxkl_avg", "loss/policy_avg", "val/ratio"):
+        torch.testing.assert_close(bf16[key], fp32[key], rtol=0.02, atol=1e-3)
+    linears = [m for m in module.reward_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)  # frozen models stored in bf16
+
+
+def test_rollout_weight_cast_cache_changes_no_number(tmp_path):
+    import contextlib
+
+    module, data = _tiny_ppo(tmp_path)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    outputs = []
+    for cached in (True, False):
+        if not cached:
+            module._weights_cast_once = contextlib.nullcontext
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
+            outputs.append(module.rollout(batch))
+            assert not torch.is_autocast_cache_enabled()
+    for key in ("responses", "logprobs", "values", "advantages", "kl"):
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
