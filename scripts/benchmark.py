@@ -53,10 +53,11 @@ def _cut(tokenizer, text: str, n: int) -> str:
     return tokenizer.decode(ids[:n])
 
 
-def write_inputs(folder: Path, rows: int) -> None:
+def write_inputs(folder: Path, rows: int) -> dict[str, float]:
     """SFT rows longer than 128 tokens (both sides truncate to exactly 128), preference pairs of one
     fixed length (~110 tokens, so no padding), and PPO prompts, from the bundled data."""
     from rlhf_lightning.data.formats import to_prompt_row, to_sft_row
+    from rlhf_lightning.data.render import encode, prompt_text
     from rlhf_lightning.data.sources import read_rows
     from rlhf_lightning.models import load_tokenizer
 
@@ -86,6 +87,14 @@ def write_inputs(folder: Path, rows: int) -> None:
     }
     for name, records in files.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def prompt_tokens(rows):
+        return statistics.mean(len(encode(tokenizer, prompt_text(tokenizer, r["prompt"]))) for r in rows)
+
+    return {
+        "sft_prompt_tokens": prompt_tokens(sft),
+        "ppo_prompt_tokens": prompt_tokens(files["prompts.jsonl"]),
+    }
 
 
 # -- FLOPs --------------------------------------------------------------------------------------
@@ -354,18 +363,18 @@ def run_worker(impl: str, stage: str, args, inputs: Path) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def step_flops(stage: str, config, stats: list[dict], shared_critic: bool = False) -> float:
+def step_flops(stage: str, config, stats: list[dict], lengths: dict, shared_critic: bool = False) -> float:
     """Model FLOPs of one iteration (see the module docstring)."""
     if stage == "sft":
         tokens = statistics.mean(s["tokens"] for s in stats)
-        prompt = 30.0 * BATCH  # the head runs on completion positions only
+        prompt = lengths["sft_prompt_tokens"] * BATCH  # the head runs on completion positions only
         return 3 * forward_flops(config, tokens, tokens / BATCH, tokens - prompt)
     if stage == "reward":
         tokens = statistics.mean(s["tokens"] for s in stats)
         return 3 * forward_flops(config, tokens, tokens / (2 * BATCH), 0)
     epochs = int(stage[3:])
     response = statistics.mean(s["response_length"] for s in stats if "response_length" in s)
-    prompt = 45.0
+    prompt = lengths["ppo_prompt_tokens"]
     seq = prompt + response
     total, generated = BATCH * seq, BATCH * response
     rollout = forward_flops(config, total, seq, generated)  # generation: prefill + one token at a time
@@ -396,15 +405,21 @@ def main() -> None:
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--table-from", nargs="+", metavar="JSON", help="print one table from saved results")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.table_from:
+        print(
+            table([row for path in args.table_from for row in json.loads(Path(path).read_text())["results"]])
+        )
+        return
 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir())
     inputs = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    write_inputs(inputs, BATCH * (args.warmup + args.steps))
+    lengths = write_inputs(inputs, BATCH * (args.warmup + args.steps))
     rates = matmul_rates()
     print(f"matmul 2048^2: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s")
     results = []
@@ -424,8 +439,11 @@ def main() -> None:
             stats = [s for run in done for s in run["stats"]]
             median = statistics.median(times)
             shared = impl == "ours" and json.loads(args.options).get("share_critic_backbone", False)
-            flops = step_flops(stage, config, stats, shared)
+            flops = step_flops(stage, config, stats, lengths, shared)
+            precision = args.precision if impl == "ours" else args.trl_precision
             row[impl] = {
+                "precision": precision,
+                "options": json.loads(args.options) if impl == "ours" else {},
                 "median_s": median,
                 "times": times,
                 "samples_per_s": BATCH / median,
@@ -440,6 +458,7 @@ def main() -> None:
                 "model_tflops": flops / 1e12,
                 "mfu_fp32": flops / median / rates["fp32"],
                 "mfu_bf16": flops / median / rates["bf16"],
+                "mfu": flops / median / rates["bf16" if precision.startswith("bf16") else "fp32"],
                 "stats": stats,
             }
         if len(args.impls) == 2:
@@ -451,7 +470,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "matmul_flops": rates}
     out.write_text(json.dumps({**meta, "args": vars(args), "results": results}, indent=1))
-    print(table(results, rates))
+    print(table(results))
     print(f"wrote {out}")
 
 
@@ -464,7 +483,8 @@ def print_row(row: dict) -> None:
     )
 
 
-def table(results: list[dict], rates: dict) -> str:
+def table(results: list[dict]) -> str:
+    """A markdown table: one row per (stage, implementation), ratios on our rows."""
     names = {
         "sft": "SFT step",
         "reward": "reward step",
@@ -472,21 +492,23 @@ def table(results: list[dict], rates: dict) -> str:
         "ppo1": "PPO update, 1 epoch",
     }
     lines = [
-        "| stage | impl | median s/iter | samples/s | tokens/s | peak RSS GB | MFU vs fp32 / bf16 matmul | ours/TRL time | ours/TRL memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | implementation | precision | median s/iter | samples/s | tokens/s | peak RSS GB | MFU | ours/TRL time | ours/TRL memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         for impl in ("ours", "trl"):
             if impl not in row:
                 continue
             r = row[impl]
+            name = "ours" if impl == "ours" else "TRL 1.12"
+            if r.get("options", {}).get("share_critic_backbone"):
+                name += ", shared critic backbone"
             ratios = " | "
             if impl == "ours" and "time_ratio" in row:
                 ratios = f"**{row['time_ratio']:.2f}** | **{row['memory_ratio']:.2f}**"
             lines.append(
-                f"| {names[row['stage']]} | {'ours' if impl == 'ours' else 'TRL 1.12'} | {r['median_s']:.2f} | "
-                f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | "
-                f"{r['mfu_fp32']:.0%} / {r['mfu_bf16']:.0%} | {ratios} |"
+                f"| {names[row['stage']]} | {name} | {r.get('precision', '')} | {r['median_s']:.2f} | "
+                f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['mfu']:.0%} | {ratios} |"
             )
     return "\n".join(lines)
 
