@@ -379,10 +379,9 @@ def step_flops(stage: str, config, stats: list[dict], lengths: dict, shared_crit
     total, generated = BATCH * seq, BATCH * response
     rollout = forward_flops(config, total, seq, generated)  # generation: prefill + one token at a time
     rollout += forward_flops(config, total, seq, generated)  # reference log-probs
-    rollout += 2 * forward_flops(config, total, seq, 0)  # values, reward
-    update = (
-        epochs * 3 * (forward_flops(config, total, seq, generated) + forward_flops(config, total, seq, 0))
-    )
+    critic = 0.0 if shared_critic else forward_flops(config, total, seq, 0)  # a separate critic's body
+    rollout += forward_flops(config, total, seq, 0) + critic  # reward, values
+    update = epochs * 3 * (forward_flops(config, total, seq, generated) + critic)
     return rollout + update
 
 
@@ -410,9 +409,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     if args.table_from:
-        print(
-            table([row for path in args.table_from for row in json.loads(Path(path).read_text())["results"]])
-        )
+        print(table(merge([json.loads(Path(path).read_text())["results"] for path in args.table_from])))
         return
 
     from transformers import AutoConfig
@@ -481,6 +478,21 @@ def print_row(row: dict) -> None:
         f"ratio time {row['time_ratio']:.2f} memory {row['memory_ratio']:.2f}",
         flush=True,
     )
+
+
+def merge(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several result files; a row with only our side gets its ratios against the first TRL
+    fp32 row of the same stage (measured in another run of the script: less exact than alternation)."""
+    rows = [row for results in runs for row in results]
+    trl = {}
+    for row in rows:
+        if "trl" in row and row["trl"].get("precision") == "32-true":
+            trl.setdefault(row["stage"], row["trl"])
+    for row in rows:
+        if "ours" in row and "trl" not in row and row["stage"] in trl:
+            row["time_ratio"] = row["ours"]["median_s"] / trl[row["stage"]]["median_s"]
+            row["memory_ratio"] = row["ours"]["peak_rss_gb"] / trl[row["stage"]]["peak_rss_gb"]
+    return rows
 
 
 def table(results: list[dict]) -> str:

@@ -51,13 +51,20 @@ def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return lm_head(model)(hidden)
 
 
+def _sampling_logits(logits: Tensor, temperature: float, suppress: int | None) -> Tensor:
+    """fp32 ``logits / temperature`` with the ``suppress`` token at -inf (no copy that is not needed)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if suppress is not None:
+        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
+    return logits
+
+
 def sampling_log_softmax(logits: Tensor, temperature: float = 1.0, suppress: int | None = None) -> Tensor:
     """Log of the distribution :func:`sample` draws from: ``softmax(logits / temperature)``, with the
     ``suppress`` token (the pad token, never sampled) given probability 0."""
-    logits = logits.float() / temperature
-    if suppress is not None:
-        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
-    return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(_sampling_logits(logits, temperature, suppress), dim=-1)
 
 
 def logprobs_from_logits(
@@ -65,11 +72,12 @@ def logprobs_from_logits(
 ) -> Tensor:
     """Log-probability of ``tokens`` under the sampling distribution (see :func:`sampling_log_softmax`).
 
-    The suppressed (pad) token only fills masked positions after EOS; it gets 0, not -inf, so masks
-    can multiply the result.
+    Computed as ``logit[token] - logsumexp(logits)``, which never materialises the full log-softmax
+    (a vocabulary-sized tensor per position). The suppressed (pad) token only fills masked positions
+    after EOS; it gets 0, not -inf, so masks can multiply the result.
     """
-    logp = sampling_log_softmax(logits, temperature, suppress)
-    out = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logits = _sampling_logits(logits, temperature, suppress)
+    out = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return out if suppress is None else out.masked_fill(tokens == suppress, 0.0)
 
 

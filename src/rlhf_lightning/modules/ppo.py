@@ -295,20 +295,19 @@ class PPOModule(LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        # Under bf16 autocast every frozen matmul is bf16 anyway; any other precision needs fp32 weights.
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                linear_weights_to(frozen, dtype)
         if stage != "fit":
             return
-        precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ConfigurationError(
                 f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
                 "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
             )
-        if (
-            precision == "bf16-mixed"
-        ):  # every forward runs under bf16 autocast: frozen matmuls are bf16 anyway
-            for frozen in (self.reference, self.reward_model):
-                if frozen is not None:
-                    linear_weights_to(frozen, torch.bfloat16)
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if batch_size is None:
             return
