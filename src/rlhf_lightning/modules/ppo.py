@@ -720,9 +720,10 @@ class PPOModule(LightningModule):
 
     def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        logprobs = logprobs_from_logits(response_logits(model, ids, mask, 1), ids[:, 1:])  # likelihood: T = 1
-        positions = torch.arange(1, ids.shape[1], device=ids.device)
-        in_response = (positions[None, :] >= batch["prompt_lengths"][:, None]) & mask[:, 1:].bool()
+        start = max(1, int(batch["prompt_lengths"].min()))  # the LM head runs from the first response token
+        logprobs = logprobs_from_logits(response_logits(model, ids, mask, start), ids[:, start:])  # T = 1
+        positions = torch.arange(start, ids.shape[1], device=ids.device)
+        in_response = (positions[None, :] >= batch["prompt_lengths"][:, None]) & mask[:, start:].bool()
         return (logprobs * in_response).sum(-1)
 
     def on_validation_epoch_end(self) -> None:
