@@ -32,7 +32,7 @@ def adamw(
         param_groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
     param_groups = [g for g in param_groups if g["params"]]
     devices = {p.device.type for g in param_groups for p in g["params"]}
-    fused = devices <= {"cpu", "cuda"} or None
+    fused = True if devices <= {"cpu", "cuda"} else None  # None: PyTorch's default elsewhere (e.g. mps)
     return torch.optim.AdamW(param_groups, eps=eps, fused=fused)
 
 

@@ -62,6 +62,8 @@ from rlhf_lightning.rl.ranking import pair_accuracy
 from rlhf_lightning.rl.whiten import whiten
 from rlhf_lightning.schedules import deferred_schedule
 
+FROZEN_PREFIXES = ("reference.", "reward_model.")  # state-dict keys of the frozen models: never checkpointed
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive PPO iterations produced NaN/inf; the last good state was checkpointed."""
@@ -357,9 +359,8 @@ class PPOModule(LightningModule):
         return int(total)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = ("reference.", "reward_model.")
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
         }
         checkpoint["ppo_state"] = {
             "rollouts": self.rollouts,
@@ -379,8 +380,9 @@ class PPOModule(LightningModule):
         self.consecutive_nonfinite = state.get("consecutive_nonfinite", 0)
         # frozen models are not in checkpoints (they are loaded from their names): fill them in so the
         # rest of the state dict still loads strictly
-        frozen = ("reference.", "reward_model.")
-        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(frozen)})
+        checkpoint["state_dict"].update(
+            {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
+        )
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
 
@@ -409,14 +411,19 @@ class PPOModule(LightningModule):
         """Log-probabilities under the distribution rollouts sample from (temperature, pad suppressed)."""
         return logprobs_from_logits(logits, tokens, self.hparams.temperature, self.suppressed)
 
+    @property
+    def _one_process(self) -> bool:
+        """No other rank to agree with: no trainer attached, or a world of one."""
+        return self._trainer is None or self.trainer.world_size == 1
+
     def _all_ranks(self, ok: bool) -> bool:
         """``ok`` on every rank: a rank that skips a backward pass others run would hang the gradient sync."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._one_process:
             return ok
         return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._one_process:
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
@@ -601,7 +608,7 @@ class PPOModule(LightningModule):
         """
         h = self.hparams
         ids, mask, start = mb["input_ids"], mb["attention_mask"], mb["start"]
-        split = self.critic is not None and (self._trainer is None or self.trainer.world_size == 1)
+        split = self.critic is not None and self._one_process
         if split:
             logits = response_logits(self.policy, ids, mask, start)
         else:
