@@ -170,16 +170,15 @@ def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) ->
             clock.tick()
 
     data_args = {"tokenizer": path, "batch_size": BATCH, "max_length": MAX_LENGTH}
-    if stage == "sft":
-        module = SFTModule(
+    if stage in ("sft", "reward"):
+        module_class, data_class, rows = {
+            "sft": (SFTModule, SFTDataModule, "sft.jsonl"),
+            "reward": (RewardModule, PreferenceDataModule, "pairs.jsonl"),
+        }[stage]
+        module = module_class(
             model=path, export_dir=None, gradient_checkpointing=options["gradient_checkpointing"]
         )
-        data = SFTDataModule(train=str(folder / "sft.jsonl"), **data_args)
-    elif stage == "reward":
-        module = RewardModule(
-            model=path, export_dir=None, gradient_checkpointing=options["gradient_checkpointing"]
-        )
-        data = PreferenceDataModule(train=str(folder / "pairs.jsonl"), **data_args)
+        data = data_class(train=str(folder / rows), **data_args)
     else:
         module = PPOModule(
             policy=path,
