@@ -77,47 +77,29 @@ def _stage_args(stage: str, exports: dict, out: Path) -> list[str]:
         "--trainer.callbacks+",
         "ddp_helpers.ParamDigest",
     ]
-    if stage == "sft":
-        return [
-            "fit",
-            *common,
-            "--model.init_args.model",
+    models = {
+        "sft": ["--model.init_args.model", str(exports["policy"])],
+        "reward": ["--model.init_args.model", str(exports["policy"])],
+        "ppo": [
+            "--model.init_args.policy",
             str(exports["policy"]),
-            "--data.init_args.train",
-            str(exports["sft_data"]),
-            "--data.init_args.val",
-            "null",
-            "--data.init_args.batch_size",
-            "4",
-        ]
-    if stage == "reward":
-        return [
-            "fit",
-            *common,
-            "--model.init_args.model",
-            str(exports["policy"]),
-            "--data.init_args.train",
-            str(exports["preferences"]),
-            "--data.init_args.val",
-            "null",
-            "--data.init_args.batch_size",
+            "--model.init_args.reward_model",
+            str(exports["reward"]),
+            "--trainer.limit_train_batches",
             "2",
-        ]
+        ],
+    }
+    train, batch_size = {"sft": ("sft_data", 4), "reward": ("preferences", 2), "ppo": ("prompts", 4)}[stage]
     return [
         "fit",
         *common,
-        "--model.init_args.policy",
-        str(exports["policy"]),
-        "--model.init_args.reward_model",
-        str(exports["reward"]),
+        *models[stage],
         "--data.init_args.train",
-        str(exports["prompts"]),
+        str(exports[train]),
         "--data.init_args.val",
         "null",
         "--data.init_args.batch_size",
-        "4",
-        "--trainer.limit_train_batches",
-        "2",
+        str(batch_size),
     ]
 
 
