@@ -16,6 +16,7 @@ from pathlib import Path
 from rlhf_lightning.cli import run_stage
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
+from rlhf_lightning.pipeline import write_stage_config
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -58,27 +59,30 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.2, 0.5])
     parser.add_argument("--iterations", type=int, default=6, help="PPO iterations per beta")
     parser.add_argument("--samples_per_prompt", type=int, default=1)
+    parser.add_argument("--eval_prompts", default="bundled:eval_prompts", help="held-out prompts to judge on")
     args = parser.parse_args()
     run, out = Path(args.run_dir), Path(args.out)
     sft, reward = run / "sft" / "export", run / "reward" / "export"
-    options = EvaluationOptions(samples_per_prompt=args.samples_per_prompt, preferences=None)
+    options = EvaluationOptions(
+        prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt, preferences=None
+    )
     temperature = load_manifest()["annotator"]["temperature"]
     results = []
     for beta in args.betas:
-        export = out / f"beta_{beta:g}" / "export"
+        name = f"beta_{beta:g}"
+        export = out / name / "export"
         if not (export / "config.json").exists():
-            run_stage("ppo", [
-                "fit", "-c", args.ppo_config, "--model.init_args.policy", str(sft),
-                "--model.init_args.reward_model", str(reward), "--model.init_args.kl_coef", str(beta),
-                "--model.init_args.export_dir", str(export), "--trainer.limit_train_batches", str(args.iterations),
-                "--trainer.val_check_interval", str(args.iterations), "--trainer.default_root_dir", str(export.parent),
-                "--trainer.logger.init_args.save_dir", str(out / "tb"), "--trainer.logger.init_args.name", f"beta_{beta:g}",
-            ])  # fmt: skip
+            inputs = {"policy": str(sft), "reward_model": str(reward), "kl_coef": beta}
+            config = write_stage_config(args.ppo_config, out / name, out / "tb", name, inputs, export)
+            iterations = str(args.iterations)
+            run_stage("ppo", ["fit", "-c", str(config), "--trainer.limit_train_batches", iterations,
+                              "--trainer.val_check_interval", iterations])  # fmt: skip
         report = evaluate({"ppo": str(export), "sft": str(sft)}, str(sft), str(reward), options, temperature)
         ppo = report["policies"]["ppo"]
         results.append({"beta": beta, "kl_to_sft": ppo["kl_to_sft"], "gold_score": ppo["gold_score"],
                         "proxy_score": ppo["proxy_score"], "eos_rate": ppo["eos_rate"],
                         "win_rate_vs_sft": report["win_rates"]["ppo_vs_sft"],
+                        "win_rate_interval": report["win_rate_intervals"]["ppo_vs_sft"],
                         "sft_gold": report["policies"]["sft"]["gold_score"]})  # fmt: skip
         print(json.dumps(results[-1]))
     out.mkdir(parents=True, exist_ok=True)

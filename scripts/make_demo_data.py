@@ -1,6 +1,6 @@
 """Remake the bundled demo data (src/rlhf_lightning/data/bundled) with the bundled model.
 
-python scripts/make_demo_data.py                      # the shipped files (about 10 minutes on 2 cores)
+python scripts/make_demo_data.py                      # the shipped files (about 15 minutes on 2 cores)
 python scripts/make_demo_data.py --model tiny:llama --n-prompts 20 --n-eval 5 --out /tmp/demo
 """
 
@@ -22,21 +22,23 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(BUNDLED_DIR), help="output directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model that samples the responses")
-    parser.add_argument("--n-prompts", type=int, default=200, help="prompts in total")
-    parser.add_argument("--n-eval", type=int, default=50, help="held-out evaluation prompts among them")
+    parser.add_argument("--n-prompts", type=int, default=480, help="training prompts")
+    parser.add_argument("--n-eval", type=int, default=240, help="held-out evaluation prompts (other topics)")
     parser.add_argument("--k", type=int, default=4, help="responses sampled per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="as configs/ppo.yaml samples")
     parser.add_argument(
         "--annotate-only", action="store_true", help="reuse OUT/samples.jsonl: only rank and split"
     )
     args = parser.parse_args()
-    command = ("python scripts/make_demo_data.py " + shlex.join(sys.argv[1:])).strip()
+    # the recipe that remakes the files from nothing (--annotate-only reuses samples.jsonl, same result)
+    recipe = [a for a in sys.argv[1:] if a != "--annotate-only"]
+    command = ("python scripts/make_demo_data.py " + shlex.join(recipe)).strip()
     if not args.annotate_only:
         sample_demo_responses(
-            args.out, args.model, args.n_prompts, args.k, args.seed, max_new_tokens=args.max_new_tokens
+            args.out, args.model, args.n_prompts, args.n_eval, args.k, args.seed, args.max_new_tokens
         )
-    manifest = annotate_and_split(args.out, n_eval=args.n_eval, seed=args.seed, command=command)
+    manifest = annotate_and_split(args.out, seed=args.seed, command=command)
     print(json.dumps(manifest, indent=2))
 
 

@@ -13,6 +13,7 @@ from rlhf_lightning.annotator import (
     SimulatedAnnotator,
     calibrate_temperature,
     expected_agreement,
+    truth_agreement,
 )
 from rlhf_lightning.data.sources import BUNDLED_DIR
 from rlhf_lightning.demo_data import load_manifest
@@ -58,14 +59,19 @@ def test_calibration_hits_the_target_agreement():
     gaps = [rng.gauss(0, 0.6) for _ in range(500)]
     temperature = calibrate_temperature(gaps, 0.73)
     assert expected_agreement(gaps, temperature) == pytest.approx(0.73, abs=1e-6)
+    # two labels that each match the truth with probability p agree with probability p^2 + (1-p)^2
+    p = truth_agreement(gaps, temperature)
+    assert 0.8 < p < 0.86
     assert calibrate_temperature(gaps, 0.9) < temperature  # less noise, more agreement
 
 
-def test_labels_agree_with_the_noise_free_ranking_73_percent_of_the_time():
-    """Bradley-Terry draws on the bundled training pairs, at the calibrated temperature, agree ~73%."""
+def test_two_labels_of_a_pair_agree_as_often_as_instructgpt_labelers():
+    """Bradley-Terry draws on the bundled pairs, at the calibrated temperature: two independent labels
+    of a pair agree ~72.6% of the time (InstructGPT's inter-labeler agreement)."""
     manifest = load_manifest()
     annotator = SimulatedAnnotator(temperature=manifest["annotator"]["temperature"])
     samples = [json.loads(line) for line in (BUNDLED_DIR / "samples.jsonl").read_text().splitlines()]
+    samples = [s for s in samples if s["split"] == "train"]
     golds = [
         [annotator.score(s["prompt"], t, f) for t, f in zip(s["responses"], s["finished"]) if t]
         for s in samples
@@ -73,12 +79,13 @@ def test_labels_agree_with_the_noise_free_ranking_73_percent_of_the_time():
     pairs = [(a, b) for g in golds for a, b in itertools.combinations(g, 2) if a != b]
     rng = random.Random(1)
     draws = 20
-    agree = sum(annotator.compare(a, b, rng) == (a > b) for a, b in pairs for _ in range(draws))
+    agree = sum(
+        annotator.compare(a, b, rng) == annotator.compare(a, b, rng) for a, b in pairs for _ in range(draws)
+    )
     n = len(pairs) * draws
     agreement = agree / n
     stderr = (agreement * (1 - agreement) / n) ** 0.5
-    # the bundled temperature was calibrated on the training prompts; all prompts agree within a few points
-    assert abs(agreement - INSTRUCTGPT_AGREEMENT) < 0.02 + 4 * stderr, agreement
+    assert abs(agreement - INSTRUCTGPT_AGREEMENT) < 0.01 + 4 * stderr, agreement
 
 
 def test_rank_is_a_permutation_whose_pairs_follow_bradley_terry():
@@ -93,3 +100,25 @@ def test_rank_is_a_permutation_whose_pairs_follow_bradley_terry():
     # Plackett-Luce with two items' marginal: P(0 before 2) is not exactly BT(0, 2) with a third item,
     # but it must favour the better item clearly and stay below certainty.
     assert 0.8 < wins / 4000 < 0.98
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Explain volcanoes in one sentence.", "Name one fun fact about volcanoes.",
+     "In a few words, what is a volcano? Keep it brief.", "Tell a two-sentence story about volcanoes.",
+     "Summarize, in three short sentences, what volcanoes are for a ten-year-old."],
+)  # fmt: skip
+def test_on_topic_asks_for_the_topic_however_the_request_is_phrased(annotator, prompt):
+    """Instruction and form words ("sentence", "fact", "story") are not topics; inflections match."""
+    answer = "A volcano is a mountain that can erupt with hot lava, ash and gas."
+    assert annotator.components(prompt, answer)["on_topic"] == pytest.approx(1.0)
+    assert annotator.components(prompt, "Cats like to sleep in warm places.")["on_topic"] == 0.0
+
+
+def test_topic_stems_match_inflections():
+    from rlhf_lightning.annotator import mentions, stem, topic_words
+
+    assert stem("volcanoes") == "volcano" and stem("butterflies") == "butterfly"
+    assert stem("photosynthesis") == "photosynthesis" and stem("glass") == "glass"
+    assert topic_words("Give me one quick tip for cooking.") == {"cook"}
+    assert mentions("magnet", {"magnetic"}) and mentions("cook", {"cooks"}) and not mentions("cook", {"book"})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from rlhf_lightning.data.formats import to_preference_row, to_prompt_row, to_sft_row
 from rlhf_lightning.data.sources import BUNDLED_DIR, read_rows
 from rlhf_lightning.demo_data import FILES, demo_prompts, load_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(name: str) -> list[dict]:
@@ -24,7 +27,7 @@ def test_manifest_records_the_recipe_and_sizes():
     assert manifest["command"].startswith("python scripts/make_demo_data.py")
     assert manifest["sampling"]["model"] == "bundled:SmolLM2-135M-Instruct"
     assert manifest["sampling"]["k"] == 4
-    assert manifest["annotator"]["expected_agreement"] == pytest.approx(0.73, abs=1e-3)
+    assert manifest["annotator"]["expected_agreement"] == pytest.approx(0.726, abs=1e-3)
     for name in FILES:
         assert manifest["sizes"][name] == len(_rows(name)), name
 
@@ -80,3 +83,29 @@ def test_demo_prompts_are_distinct_and_cover_every_task():
     prompts = demo_prompts(200)
     assert len({p["text"] for p in prompts}) == 200
     assert {p["task"] for p in prompts} == {"explain", "advice", "support", "creative", "compare"}
+
+
+def test_held_out_prompts_are_about_topics_no_training_prompt_mentions():
+    from rlhf_lightning.demo_data import split_fills
+
+    fills = split_fills()
+    for key in ("t", "a", "e"):
+        assert fills["held_out"][key] and fills["train"][key]
+        assert not set(fills["held_out"][key]) & set(fills["train"][key])
+    train_text = " ".join(_prompt(r) for name in ("prompts_train", "prompts_val") for r in _rows(name))
+    for row in _rows("eval_prompts"):
+        assert _prompt(row) not in train_text
+    held_out_subjects = [s for key in ("t", "a", "e") for s in fills["held_out"][key]]
+    for row in _rows("prompts_train"):
+        text = _prompt(row)
+        assert not any(f" {s} " in f" {text.rstrip('.?')} " for s in held_out_subjects), text
+
+
+def test_the_sampling_settings_are_the_ppo_stages():
+    import yaml
+
+    ppo = yaml.safe_load((REPO_ROOT / "configs" / "ppo.yaml").read_text())["model"]["init_args"]
+    sampling = load_manifest()["sampling"]
+    assert sampling["max_new_tokens"] == ppo["max_new_tokens"]
+    assert sampling["temperature"] == ppo["temperature"]
+    assert sampling["top_p"] == 1.0

@@ -222,3 +222,35 @@ def test_bundled_smollm2_answers_paris():
     assert responses.shape == mask.shape == (1, 24)
     answer = tokenizer.decode(responses[0][mask[0]], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_keep_bottom_layers_makes_a_smaller_model_that_exports_and_reloads(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_lightning.models import decoder_layers, keep_bottom_layers, save_hf, tiny_tokenizer
+
+    full = load_reward_model("tiny:llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    small = keep_bottom_layers(load_reward_model("tiny:llama"), 1)
+    assert len(decoder_layers(small)) == 1 and small.config.num_hidden_layers == 1
+    # the kept block is the full model's first one: same hidden states after it
+    after_first = full.model.layers[0]
+    assert after_first is not small.model.layers[0]
+    save_hf(small, tiny_tokenizer(), tmp_path / "small")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "small")
+    assert reloaded.config.num_hidden_layers == 1
+    torch.testing.assert_close(reloaded(ids).logits, small.eval()(ids).logits)
+    with pytest.raises(ModelLoadError, match="num_layers"):
+        keep_bottom_layers(load_reward_model("tiny:llama"), 3)
+
+
+def test_train_top_layers_freezes_embeddings_and_lower_blocks():
+    from rlhf_lightning.models import decoder_layers, train_top_layers
+
+    model = train_top_layers(load_causal_lm("tiny:llama"), 1)
+    layers = decoder_layers(model)
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.model.norm.weight.requires_grad

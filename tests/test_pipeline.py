@@ -48,7 +48,9 @@ def test_report_and_plots(run_dir, read_scalars):
     assert set(figures["policies"]) == {"ppo", "sft", "base"}
     assert 0.0 <= figures["win_rates"]["ppo_vs_sft"] <= 1.0
     assert 0.0 <= figures["reward_model_accuracy"] <= 1.0
-    assert figures["n_samples"] == 50
+    assert figures["n_samples"] == figures["n_prompts"] == 240  # one sample per held-out prompt
+    low, high = figures["win_rate_intervals"]["ppo_vs_sft"]
+    assert low <= figures["win_rates"]["ppo_vs_sft"] <= high
     scalars = read_scalars(run_dir / "tb" / "ppo")
     assert len(scalars["objective/scores"]) == 4
 
@@ -57,3 +59,19 @@ def test_a_finished_pipeline_is_not_redone(run_dir):
     before = (run_dir / "ppo" / "export" / "model.safetensors").stat().st_mtime_ns
     assert main(["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(run_dir)]) == 0
     assert (run_dir / "ppo" / "export" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_stopped_pipeline_says_so_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """SIGTERM during a stage: the pipeline reports the stop, how to resume, and exits 128 + 15."""
+    from rlhf_lightning import pipeline
+    from rlhf_lightning.errors import StageStopped
+
+    def stopped(stage, args):
+        raise StageStopped(stage, "SIGTERM", None)
+
+    monkeypatch.setattr(pipeline, "run_stage", stopped)
+    assert main(["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(tmp_path)]) == 143
+    err = capsys.readouterr().err
+    assert "the sft stage was stopped by SIGTERM" in err
+    assert "To resume, run the same command" in err
+    assert not (tmp_path / "evaluation.json").exists()

@@ -71,8 +71,9 @@ def uninterrupted(tiny_exports, tmp_path_factory):
     return out
 
 
-def _start_and_signal(tiny_exports, out: Path, sig: int, delay: float) -> int:
-    """Start a run, send ``sig`` ``delay`` seconds after its first checkpoint, and wait for it to end."""
+def _start_and_signal(tiny_exports, out: Path, sig: int, delay: float) -> tuple[int, str]:
+    """Start a run, send ``sig`` ``delay`` seconds after its first checkpoint, and wait for it to end;
+    returns its exit status and standard error."""
     process = subprocess.Popen(_command(tiny_exports, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
@@ -81,8 +82,8 @@ def _start_and_signal(tiny_exports, out: Path, sig: int, delay: float) -> int:
     assert process.poll() is None, "the run ended before its first checkpoint"
     time.sleep(delay)
     process.send_signal(sig)
-    process.wait(timeout=120)
-    return process.returncode
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr.decode(errors="replace")
 
 
 def test_two_seeded_runs_match(uninterrupted, tiny_exports, tmp_path):
@@ -103,7 +104,9 @@ def test_sigkill_then_resume_continues_to_the_uninterrupted_result(uninterrupted
 
 
 def test_sigterm_saves_a_checkpoint_between_iterations_and_resumes(uninterrupted, tiny_exports, tmp_path):
-    _start_and_signal(tiny_exports, tmp_path, signal.SIGTERM, delay=0.0)
+    code, stderr = _start_and_signal(tiny_exports, tmp_path, signal.SIGTERM, delay=0.0)
+    assert code == 143, stderr[-2000:]  # 128 + SIGTERM: a stopped run is not a success
+    assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr
     assert not (tmp_path / "export").exists(), "an interrupted run must not export a half-trained policy"
     saved = _rollouts(tmp_path / "checkpoints" / "last.ckpt")
     assert 1 <= saved < ITERATIONS
@@ -113,8 +116,9 @@ def test_sigterm_saves_a_checkpoint_between_iterations_and_resumes(uninterrupted
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery to a child process")
 def test_ctrl_c_saves_a_checkpoint_and_resumes(uninterrupted, tiny_exports, tmp_path):
-    code = _start_and_signal(tiny_exports, tmp_path, signal.SIGINT, delay=0.0)
-    assert code != 0
+    code, stderr = _start_and_signal(tiny_exports, tmp_path, signal.SIGINT, delay=0.0)
+    assert code == 130, stderr[-2000:]
+    assert "stopped by SIGINT" in stderr
     assert 1 <= _rollouts(tmp_path / "checkpoints" / "last.ckpt") < ITERATIONS
     _run(_command(tiny_exports, tmp_path, "--ckpt_path", "last"))
     _assert_same_weights(_weights(uninterrupted), _weights(tmp_path))

@@ -6,14 +6,16 @@ was gamed) can be checked against a gold score:
 
 * warmth   - VADER sentiment of the response (Hutto & Gilbert 2014), credited only up to a cap:
              a friendly tone helps, gushing does not help more;
-* on topic - share of the prompt's content words that the response uses;
+* on topic - share of the prompt's content words (instruction and form words left out, inflections
+             matched by stem) that the response uses;
 * concise  - full credit up to ``max_words`` words, then a linear decay; a near-empty answer gets none;
 * finished - the response ended with EOS instead of running out of tokens;
 * fresh    - share of distinct word bigrams (repetition is penalised).
 
 Labels come from a Bradley-Terry draw, ``P(a > b) = sigmoid((g_a - g_b) / temperature)``, with the
-temperature calibrated so the annotator agrees with its own noise-free ranking as often as
-InstructGPT's labelers agreed with each other (~73%, Ouyang et al. 2022). The rubric is exploitable
+temperature calibrated so two independent labels of a pair agree as often as InstructGPT's labelers
+agreed with each other (72.6%, Ouyang et al. 2022); one label then matches the noise-free ranking about
+83% of the time. The rubric is exploitable
 the known way: a proxy reward model that learns "positive words are good" can be gamed by stuffing
 sentiment words, which the capped warmth term does not pay for and the repetition and on-topic terms
 punish, so the proxy rises while the gold score falls.
@@ -27,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-INSTRUCTGPT_AGREEMENT = 0.73
+INSTRUCTGPT_AGREEMENT = 0.726  # inter-labeler agreement, Ouyang et al. 2022, section 3.4
 _WORD = re.compile(r"[a-z']+")
 _FUNCTION_WORDS = (
     "a an the and or but if of to in on for with about as at by from into over is are was were be been being "
@@ -35,12 +37,44 @@ _FUNCTION_WORDS = (
     "where can could should would will shall may might do does did give tell write make explain some any "
     "please short simple three few one two using like"
 )
-# the demo prompts' instruction words say what to do, not what to talk about
+# Words that say what to do or in which form, not what to talk about: a request phrased in a new way
+# ("in one sentence", "name a fact", "say something encouraging") must not ask the answer to repeat them.
 _INSTRUCTION_WORDS = (
-    "year old ten words keep tips better beginner know feel nervous advice kind note friend worried poem "
-    "story tiny describe sentences difference between"
+    "answer answers brief briefly short shortly quick quickly simple simply sentence sentences word words "
+    "line lines paragraph paragraphs list point points summary summarize summarise example examples "
+    "poem poems story stories note notes tip tips advice piece fact facts idea ideas thing things "
+    "explain describe tell write give name share say show list compare define "
+    "difference differences different differ between similar same "
+    "year old ten twelve kid kids child children beginner beginners better best good get getting way ways "
+    "know feel feeling nervous worried worry anxious kind friend friends someone somebody something "
+    "encouraging encourage facing face about help please fun interesting tiny little "
+    "first second third couple new"
 )
 _STOPWORDS = frozenset(_FUNCTION_WORDS.split()) | frozenset(_INSTRUCTION_WORDS.split())
+_SUFFIXES = (("ies", "y"), ("es", ""), ("s", ""), ("ing", ""), ("ed", ""))
+
+
+def stem(word: str) -> str:
+    """A crude English stem: plural and verb endings off (``volcanoes`` -> ``volcano``, ``cooking`` -> ``cook``)."""
+    word = word.removesuffix("'s")
+    for suffix, replacement in _SUFFIXES:
+        if suffix == "s" and word.endswith(("ss", "us", "is")):  # glass, virus, photosynthesis
+            break
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)] + replacement
+    return word
+
+
+def topic_words(prompt: str) -> set[str]:
+    """Stems of the prompt's content words: what the answer should be about."""
+    return {stem(w) for w in words(prompt) if len(w) >= 3 and w not in _STOPWORDS}
+
+
+def mentions(topic: str, response_words: set[str]) -> bool:
+    """Whether a response uses the topic stem ``topic``, in any inflection (``magnet`` in ``magnetic``)."""
+    return any(
+        w == topic or stem(w) == topic or (len(topic) >= 4 and w.startswith(topic)) for w in response_words
+    )
 
 
 def words(text: str) -> list[str]:
@@ -81,8 +115,9 @@ class SimulatedAnnotator:
         r = self.rubric
         tokens = words(response)
         compound = self._vader.polarity_scores(response)["compound"]
-        topic = {w for w in words(prompt) if len(w) > 3 and w not in _STOPWORDS}
-        on_topic = len(topic & set(tokens)) / len(topic) if topic else 1.0
+        topic = topic_words(prompt)
+        used = set(tokens)
+        on_topic = sum(mentions(t, used) for t in topic) / len(topic) if topic else 1.0
         n = len(tokens)
         concise = (
             0.0
@@ -134,16 +169,25 @@ class SimulatedAnnotator:
 
 
 def expected_agreement(gaps: Sequence[float], temperature: float) -> float:
-    """Mean probability that a noisy label matches the noise-free one, over pairs with gold gaps ``gaps``.
+    """Mean probability that two independent noisy labels of a pair agree, over pairs with gold gaps
+    ``gaps``: ``p^2 + (1 - p)^2`` where ``p`` is the chance that one label is the noise-free one.
 
+    This is what InstructGPT measured (labelers agreed with each other 72.6% of the time); it implies
+    each label matches the noise-free ranking more often than that (see :func:`truth_agreement`).
     Tied pairs have no noise-free label and are left out.
     """
+    probabilities = [1.0 / (1.0 + math.exp(-abs(g) / temperature)) for g in gaps if g != 0]
+    return sum(p * p + (1 - p) * (1 - p) for p in probabilities) / len(probabilities)
+
+
+def truth_agreement(gaps: Sequence[float], temperature: float) -> float:
+    """Mean probability that one noisy label matches the noise-free ranking."""
     gaps = [g for g in gaps if g != 0]
     return sum(1.0 / (1.0 + math.exp(-abs(g) / temperature)) for g in gaps) / len(gaps)
 
 
 def calibrate_temperature(gaps: Sequence[float], target: float = INSTRUCTGPT_AGREEMENT) -> float:
-    """The temperature at which labels agree with the noise-free ranking ``target`` of the time (bisection)."""
+    """The temperature at which two labels of a pair agree ``target`` of the time (bisection)."""
     gaps = [g for g in gaps if g != 0]
     if not gaps:
         raise ValueError("cannot calibrate the annotator: every pair has the same gold score")

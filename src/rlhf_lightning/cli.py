@@ -12,12 +12,14 @@ can swap one component from the YAML. The DataModule's tokenizer is linked to th
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from rlhf_lightning.errors import InputError
+from rlhf_lightning.errors import InputError, StageStopped
 
 STAGES = ("sft", "reward", "ppo")
 USAGE = """usage: rlhf-lightning {sft,reward,ppo} {fit,validate} -c CONFIG [--key value ...]
@@ -34,13 +36,45 @@ Stages of the RLHF recipe (each a LightningCLI; try `rlhf-lightning sft fit --he
 
 
 class StageCLI(LightningCLI):
-    """LightningCLI that feeds the module's model name to the DataModule's tokenizer."""
+    """LightningCLI that feeds the module's model name to the DataModule's tokenizer, picks the precision
+    for the machine when the config does not set ``trainer.precision``, and turns a stop by SIGTERM or
+    Ctrl-C into :class:`StageStopped`."""
 
     model_key = "model"
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(f"model.init_args.{self.model_key}", "data.init_args.tokenizer")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+    def before_instantiate_classes(self) -> None:
+        from rlhf_lightning.precision import auto_precision
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            config.trainer.precision, reason = auto_precision()
+            rank_zero_info(f"precision: {config.trainer.precision} (chosen for this machine: {reason})")
+        else:
+            rank_zero_info(f"precision: {config.trainer.precision} (set by trainer.precision)")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning.pytorch.trainer.states import TrainerStatus
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as stop:
+            raise StageStopped(self._stage, "SIGTERM", self._saved_checkpoint()) from stop
+        except SystemExit as stop:  # Lightning ends a Ctrl-C with sys.exit(1)
+            if self.trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            raise StageStopped(self._stage, "SIGINT", self._saved_checkpoint()) from stop
+
+    @property
+    def _stage(self) -> str:
+        return self.parser.prog.rsplit(" ", 1)[-1]
+
+    def _saved_checkpoint(self) -> str | None:
+        return next((c.saved for c in self.trainer.callbacks if getattr(c, "saved", None)), None)
 
 
 class PPOCLI(StageCLI):
@@ -93,9 +127,39 @@ def run_stage(stage: str, args: list[str], run: bool = True) -> LightningCLI:
         )
 
 
+# Library messages a user of this command cannot act on: Lightning's advertisements, the model summary's
+# note that it sizes bf16 weights as fp32, deprecations inside the libraries themselves, and a warning
+# about modules in eval mode (PPO's frozen models are, by design).
+_NOISE_WARNINGS = (
+    r"Precision .* is not supported by the model summary",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*`torch_dtype` is deprecated",
+    r"The `srun` command is available",
+    r"Found \d+ module\(s\) in eval mode",  # PPO's frozen reference and reward model, on purpose
+)
+
+
+class _DropAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_library_noise() -> None:
+    """Silence the messages in ``_NOISE_WARNINGS`` and Lightning's tips; everything else still shows."""
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertisements())
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # load reports of heads a stage initialises on purpose
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rlhf-lightning`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -115,5 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"rlhf-lightning {command}: error: {err}", file=sys.stderr)
         return 2
+    except StageStopped as stop:
+        if command in STAGES:
+            how = "run the same command with --ckpt_path last" if stop.checkpoint else "run the same command"
+        else:
+            how = "run the same command: finished stages are kept" + (
+                ", this one continues from its checkpoint" if stop.checkpoint else ", this one starts over"
+            )
+        print(f"rlhf-lightning {command}: stopped: {stop}. To resume, {how}.", file=sys.stderr)
+        return stop.exit_status
     print(f"rlhf-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -4,10 +4,13 @@ For each prompt the base model samples K responses; the simulated annotator rank
 
 * ``sft_train`` / ``sft_val``: the noise-free best *finished* response of each training prompt, standing
   in for the demonstrations contractors write;
-* ``preferences_train`` / ``preferences_val``: the annotator's noisy K-way rankings (C(K,2) pairs each),
-  with ``finished`` flags: a response that ran out of tokens is encoded without EOS, as PPO's are;
-* ``prompts_train``: the training prompts, for PPO;
-* ``eval_prompts``: held-out prompts no stage trains on;
+* ``preferences_train``: the annotator's noisy K-way rankings (C(K,2) pairs each), with ``finished``
+  flags: a response that ran out of tokens is encoded without EOS, as PPO's are;
+* ``preferences_val``: noise-free rankings of the validation prompts, to choose the reward model's
+  epochs and learning rate on (never the evaluation's pairs);
+* ``prompts_train`` / ``prompts_val``: the training prompts, for PPO, and the validation prompts, for
+  PPO's in-run win rate (:class:`~rlhf_lightning.callbacks.GoldJudge`);
+* ``eval_prompts``: held-out prompts about topics no training prompt mentions; no stage trains on them;
 * ``eval_preferences``: held-out pairs labelled by the *noise-free* gold score, to measure the reward
   model's accuracy against the annotator's true preference;
 * ``manifest.json``: how the files were made (model, seed, sizes, sampling, annotator temperature).
@@ -32,33 +35,42 @@ from rlhf_lightning.annotator import (
     SimulatedAnnotator,
     calibrate_temperature,
     expected_agreement,
+    truth_agreement,
 )
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.render import encode, prompt_text
 from rlhf_lightning.lm import sample
 from rlhf_lightning.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from rlhf_lightning.precision import auto_precision, inference_autocast
 
+# Prompts that can be answered within the response length PPO samples (48 tokens): InstructGPT's
+# labelers judged whole answers, and an answer that cannot finish cannot be judged finished.
 TASKS = {
     "explain": [
-        "Explain {t} in simple words.",
-        "What is {t}? Keep it short.",
-        "Explain {t} to a ten-year-old.",
+        "Explain {t} in one sentence.",
+        "In a few words, what is {t}?",
+        "What is {t}? Answer in one short sentence.",
+        "Name one fun fact about {t}.",
     ],
     "advice": [
-        "Give me three tips for {a}.",
-        "How can I get better at {a}?",
-        "What should a beginner know about {a}?",
+        "Give me one quick tip for {a}.",
+        "What is one simple way to get better at {a}?",
+        "Share one short piece of advice for a beginner at {a}.",
     ],
     "support": [
-        "I feel nervous about {e}. Any advice?",
-        "Write a kind note to a friend who is worried about {e}.",
+        "I feel nervous about {e}. Give me one short piece of advice.",
+        "Write a one-sentence kind note to a friend who is worried about {e}.",
+        "Say something encouraging, in one sentence, to someone facing {e}.",
     ],
     "creative": [
-        "Write a short poem about {t}.",
-        "Tell a tiny story about {t}.",
-        "Describe {t} in two sentences.",
+        "Write a two-line poem about {t}.",
+        "Tell a two-sentence story about {t}.",
+        "Describe {t} in one sentence.",
     ],
-    "compare": ["What is the difference between {t} and {u}?"],
+    "compare": [
+        "What is the difference between {t} and {u}? Answer briefly.",
+        "In one sentence, how are {t} and {u} different?",
+    ],
 }
 TOPICS = [
     "photosynthesis",
@@ -86,6 +98,50 @@ TOPICS = [
     "magnets",
     "sound",
     "deserts",
+    "tigers",
+    "penguins",
+    "earthquakes",
+    "tornadoes",
+    "lightning",
+    "snow",
+    "glaciers",
+    "forests",
+    "mountains",
+    "islands",
+    "bicycles",
+    "trains",
+    "airplanes",
+    "rockets",
+    "computers",
+    "robots",
+    "books",
+    "libraries",
+    "chocolate",
+    "honey",
+    "apples",
+    "tomatoes",
+    "butterflies",
+    "spiders",
+    "whales",
+    "dolphins",
+    "owls",
+    "frogs",
+    "mushrooms",
+    "comets",
+    "planets",
+    "the sun",
+    "wind",
+    "fire",
+    "the brain",
+    "bones",
+    "vaccines",
+    "soap",
+    "umbrellas",
+    "candles",
+    "bridges",
+    "castles",
+    "pyramids",
+    "kites",
 ]
 ACTIVITIES = [
     "cooking",
@@ -103,6 +159,21 @@ ACTIVITIES = [
     "making friends",
     "time management",
     "reading",
+    "yoga",
+    "baking",
+    "cycling",
+    "knitting",
+    "singing",
+    "playing guitar",
+    "hiking",
+    "dancing",
+    "painting",
+    "typing",
+    "juggling",
+    "camping",
+    "fishing",
+    "meditation",
+    "coding",
 ]
 EVENTS = [
     "a job interview",
@@ -113,32 +184,62 @@ EVENTS = [
     "a doctor visit",
     "a long flight",
     "a new job",
+    "a driving test",
+    "a dentist appointment",
+    "a first date",
+    "a wedding speech",
+    "a piano recital",
+    "a marathon",
+    "a hospital stay",
+    "starting college",
+    "a difficult conversation",
+    "a team tryout",
+    "a surgery",
+    "a move abroad",
 ]
+HELD_OUT_SHARE = 0.3  # of each topic list: only held-out prompts use these
 FILES = (
     "sft_train",
     "sft_val",
     "preferences_train",
     "preferences_val",
     "prompts_train",
+    "prompts_val",
     "eval_prompts",
     "eval_preferences",
 )
 
 
-def demo_prompts(n: int, seed: int = 0) -> list[dict]:
-    """``n`` distinct prompts spread over the task types, each ``{"task", "text"}``."""
+def split_fills(seed: int = 0) -> dict[str, dict[str, list[str]]]:
+    """Topics, activities and events split into ``train`` and ``held_out``: held-out prompts are about
+    subjects no training prompt mentions, so the evaluation measures what generalises."""
+    rng = random.Random(seed)
+    out: dict[str, dict[str, list[str]]] = {"train": {}, "held_out": {}}
+    for key, items in (("t", TOPICS), ("a", ACTIVITIES), ("e", EVENTS)):
+        items = sorted(items)
+        rng.shuffle(items)
+        n_held = round(HELD_OUT_SHARE * len(items))
+        out["held_out"][key], out["train"][key] = items[:n_held], items[n_held:]
+    return out
+
+
+def _prompt_pool(fills: dict[str, list[str]]) -> list[dict]:
     pool = []
     for task, templates in TASKS.items():
         for template in templates:
-            if "{a}" in template:
-                fills = [{"a": a} for a in ACTIVITIES]
-            elif "{e}" in template:
-                fills = [{"e": e} for e in EVENTS]
-            elif "{u}" in template:
-                fills = [{"t": t, "u": u} for t, u in itertools.combinations(TOPICS[:12], 2)]
+            if "{u}" in template:
+                choices = [{"t": t, "u": u} for t, u in itertools.combinations(fills["t"], 2)]
             else:
-                fills = [{"t": t} for t in TOPICS]
-            pool.extend({"task": task, "text": template.format(**f)} for f in fills)
+                key = next(k for k in ("a", "e", "t") if "{" + k + "}" in template)
+                choices = [{key: x} for x in fills[key]]
+            pool.extend({"task": task, "text": template.format(**f)} for f in choices)
+    return pool
+
+
+def demo_prompts(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """``n`` distinct prompts of ``split`` (``train`` or ``held_out``) spread evenly over the task types,
+    each ``{"task", "text"}``."""
+    pool = _prompt_pool(split_fills(seed)[split])
     rng = random.Random(seed)
     by_task = {task: [p for p in pool if p["task"] == task] for task in TASKS}
     for items in by_task.values():
@@ -147,7 +248,7 @@ def demo_prompts(n: int, seed: int = 0) -> list[dict]:
     for group in itertools.zip_longest(*by_task.values()):  # round-robin keeps the task mix even
         chosen.extend(p for p in group if p is not None)
     if n > len(chosen):
-        raise ValueError(f"only {len(chosen)} distinct demo prompts exist, asked for {n}")
+        raise ValueError(f"only {len(chosen)} distinct {split} demo prompts exist, asked for {n}")
     return chosen[:n]
 
 
@@ -202,24 +303,32 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def sample_demo_responses(
     out_dir: str | Path,
     model: str = DEFAULT_MODEL,
-    n_prompts: int = 200,
+    n_prompts: int = 480,
+    n_eval: int = 240,
     k: int = 4,
     seed: int = 0,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
-    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    batch_size: int = 32,
 ) -> Path:
-    """Step 1: sample K responses per demo prompt into ``samples.jsonl`` (the slow part)."""
+    """Step 1: sample K responses per demo prompt into ``samples.jsonl`` (the slow part).
+
+    The defaults are the PPO stage's sampling settings (``configs/ppo.yaml``: 48 tokens, temperature
+    0.7, no top-p), so the reward model is trained on responses like the ones PPO will ask it to score.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = demo_prompts(n_prompts, seed)
-    samples = generate_responses(
-        model, [p["text"] for p in prompts], k, seed, max_new_tokens, temperature, top_p, batch_size
-    )
+    prompts = [dict(p, split="train") for p in demo_prompts(n_prompts, seed, "train")]
+    prompts += [dict(p, split="held_out") for p in demo_prompts(n_eval, seed, "held_out")]
+    with inference_autocast():
+        samples = generate_responses(
+            model, [p["text"] for p in prompts], k, seed, max_new_tokens, temperature, top_p, batch_size
+        )
     rows = [
         {
             "task": p["task"],
+            "split": p["split"],
             "prompt": p["text"],
             "responses": [t for t, _ in group],
             "finished": [f for _, f in group],
@@ -232,22 +341,25 @@ def sample_demo_responses(
         "seed": seed,
         "k": k,
         "prompts": n_prompts,
+        "held_out_prompts": n_eval,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "top_p": top_p,
+        "precision": auto_precision()[0],
     }
     (out / "sampling.json").write_text(json.dumps(sampling, indent=2))
     return out / "samples.jsonl"
 
 
 def annotate_and_split(
-    out_dir: str | Path, n_eval: int = 50, val_fraction: float = 0.1, seed: int = 0, command: str = ""
+    out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0, command: str = ""
 ) -> dict:
     """Step 2: rank the samples with the simulated annotator and write the stage files and the manifest.
 
     Responses that ran out of tokens keep a ``finished: false`` flag, so the reward model sees what the
     annotator judges (no EOS) exactly as it will see a truncated PPO response. A prompt needs two
-    distinct responses to be ranked, and a finished one to give an SFT demonstration.
+    distinct responses to be ranked, and a finished one to give an SFT demonstration. Held-out
+    prompts (about topics no training prompt mentions) give the evaluation prompts and pairs.
     """
     out = Path(out_dir)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -261,15 +373,22 @@ def annotate_and_split(
                 done[text] = finished
         if len(gold) >= 2:
             rows.append(
-                {"task": sample_row["task"], "prompt": sample_row["prompt"], "gold": gold, "finished": done}
+                {
+                    "task": sample_row["task"],
+                    "split": sample_row["split"],
+                    "prompt": sample_row["prompt"],
+                    "gold": gold,
+                    "finished": done,
+                }
             )
 
-    if len(rows) <= n_eval:
-        raise ValueError(f"only {len(rows)} prompts have two distinct responses; need more than {n_eval}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = [rows[i] for i in order[:n_eval]]
-    train_pool = [rows[i] for i in order[n_eval:]]
+    held = [r for r in rows if r["split"] == "held_out"]
+    train_pool = [r for r in rows if r["split"] == "train"]
+    if not held or not train_pool:
+        raise ValueError(
+            f"need training and held-out prompts with two distinct responses each, got {len(rows)}"
+        )
+    random.Random(seed).shuffle(train_pool)
     n_val = max(1, round(val_fraction * len(train_pool)))
     val, train = train_pool[:n_val], train_pool[n_val:]
 
@@ -283,9 +402,10 @@ def annotate_and_split(
             if finished:
                 yield {"prompt": _messages(r["prompt"]), "completion": max(finished, key=r["gold"].get)}
 
-    def ranking(r):
+    def ranking(r, noisy=True):
         responses = list(r["gold"])
-        order = annotator.rank([r["gold"][x] for x in responses], rng)
+        golds = [r["gold"][x] for x in responses]
+        order = annotator.rank(golds, rng) if noisy else sorted(range(len(golds)), key=lambda i: -golds[i])
         ranks = [order.index(i) + 1 for i in range(len(responses))]
         finished = [r["finished"][x] for x in responses]
         return {
@@ -310,9 +430,12 @@ def annotate_and_split(
         "sft_train": list(demos(train)),
         "sft_val": list(demos(val)),
         "preferences_train": [ranking(r) for r in train],
-        "preferences_val": [ranking(r) for r in val],
-        "prompts_train": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in train_pool],
-        "eval_prompts": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in held],
+        "preferences_val": [ranking(r, noisy=False) for r in val],
+        "prompts_train": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in train],
+        "prompts_val": [{"prompt": _messages(r["prompt"]), "task": r["task"]} for r in val],
+        "eval_prompts": [
+            {"prompt": _messages(p["prompt"]), "task": p["task"]} for p in samples if p["split"] == "held_out"
+        ],
         "eval_preferences": [p for r in held for p in gold_pairs(r)],
     }
     for name, content in files.items():
@@ -328,6 +451,7 @@ def annotate_and_split(
             "temperature": annotator.temperature,
             "target_agreement": INSTRUCTGPT_AGREEMENT,
             "expected_agreement": expected_agreement(gaps, annotator.temperature),
+            "agreement_with_noise_free_ranking": truth_agreement(gaps, annotator.temperature),
             "rubric": asdict(annotator.rubric),
         },
         "split_seed": seed,

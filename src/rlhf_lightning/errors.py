@@ -23,3 +23,17 @@ class ModelLoadError(InputError):
 
 class ConfigurationError(InputError):
     """Options that do not fit together (e.g. a minibatch that does not divide the rollout batch)."""
+
+
+class StageStopped(Exception):
+    """A stage was stopped by SIGTERM or Ctrl-C before it finished: nothing was exported for it."""
+
+    def __init__(self, stage: str, signal_name: str, checkpoint: str | None):
+        self.stage, self.signal_name, self.checkpoint = stage, signal_name, checkpoint
+        saved = f"its state is in {checkpoint}" if checkpoint else "no checkpoint of it was written"
+        super().__init__(f"the {stage} stage was stopped by {signal_name} before it finished; {saved}")
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + the signal's number."""
+        return 143 if self.signal_name == "SIGTERM" else 130

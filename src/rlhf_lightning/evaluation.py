@@ -26,7 +26,8 @@ from rlhf_lightning.data.preference import collate_preferences, encode_preferenc
 from rlhf_lightning.data.render import encode, prompt_text
 from rlhf_lightning.data.sources import read_rows
 from rlhf_lightning.lm import response_logprobs, sample, sequence_scores, suppressed_token
-from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_lightning.models import linear_weights_to, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_lightning.precision import auto_precision, inference_autocast
 from rlhf_lightning.rl.ranking import pair_accuracy
 
 
@@ -41,16 +42,16 @@ class EvaluationOptions:
         max_new_tokens: Longest response; ``None``: the PPO stage's (the pipeline reads its config),
             else 32.
         temperature: Sampling temperature; ``None``: the PPO stage's, else 0.7.
-        batch_size: Prompts per generation batch.
+        batch_size: Prompts per generation batch (decoding is memory-bound: large batches are nearly free).
         seed: Sampling seed; every policy sees the same one.
     """
 
     prompts: str = "bundled:eval_prompts"
     preferences: str | None = "bundled:eval_preferences"
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 1
     max_new_tokens: int | None = None
     temperature: float | None = None
-    batch_size: int = 16
+    batch_size: int = 64
     seed: int = 1234
 
 
@@ -68,8 +69,33 @@ class PolicySamples:
 
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
     """Share of paired samples where ``a`` scores higher; ties count half."""
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b))
-    return wins / len(gold_a)
+    return sum(_outcomes(gold_a, gold_b)) / len(gold_a)
+
+
+def _outcomes(gold_a: list[float], gold_b: list[float]) -> list[float]:
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b)]
+
+
+def win_rate_interval(
+    gold_a: list[float], gold_b: list[float], groups: list[int] | None = None, z: float = 1.959964
+) -> tuple[float, float]:
+    """95% confidence interval of :func:`win_rate` (normal approximation).
+
+    Samples of one prompt are not independent, so the interval is computed over per-prompt mean outcomes
+    (``groups`` gives each sample's prompt; ``None``: one sample per prompt).
+    """
+    outcomes = _outcomes(gold_a, gold_b)
+    groups = groups if groups is not None else list(range(len(outcomes)))
+    per_prompt: dict[int, list[float]] = {}
+    for g, o in zip(groups, outcomes):
+        per_prompt.setdefault(g, []).append(o)
+    means = [sum(v) / len(v) for v in per_prompt.values()]
+    n = len(means)
+    mean = sum(means) / n
+    if n < 2:
+        return mean, mean
+    stderr = (sum((m - mean) ** 2 for m in means) / (n - 1) / n) ** 0.5
+    return max(0.0, mean - z * stderr), min(1.0, mean + z * stderr)
 
 
 @torch.no_grad()
@@ -83,14 +109,16 @@ def _sample_policy(
     reference,
     annotator: SimulatedAnnotator,
     prompt_texts: list[str],
+    dtype: torch.dtype,
 ) -> PolicySamples:
     model = load_causal_lm(model_dir).eval()
+    linear_weights_to(model, dtype)
     out = PolicySamples()
     torch.manual_seed(options.seed)
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     from tqdm.auto import tqdm
 
-    for begin in tqdm(range(0, len(prompts), options.batch_size), desc=f"sampling {name}"):
+    for begin in tqdm(range(0, len(prompts), options.batch_size), desc=f"sampling {name}", disable=None):
         chunk = [encode(tokenizer, p) for p in prompts[begin : begin + options.batch_size]]
         ids, mask = left_padded(chunk, pad_id)
         responses, response_mask = sample(
@@ -138,7 +166,7 @@ def reward_model_accuracy(
     from tqdm.auto import tqdm
 
     correct = []
-    for begin in tqdm(range(0, len(examples), batch_size), desc="reward-model accuracy"):
+    for begin in tqdm(range(0, len(examples), batch_size), desc="reward-model accuracy", disable=None):
         batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)
         rewards = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
         correct += pair_accuracy(rewards, batch["pairs"]).tolist()
@@ -161,20 +189,35 @@ def evaluate(
     )
     tokenizer = load_tokenizer(sft)
     rows, _ = read_rows(options.prompts, to_prompt_row)
-    prompt_texts, rendered = [], []
-    for row in rows:
+    prompt_texts, rendered, prompt_ids = [], [], []
+    for index, row in enumerate(rows):
         user = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
         for _ in range(options.samples_per_prompt):
+            prompt_ids.append(index)
             prompt_texts.append(user)
             rendered.append(prompt_text(tokenizer, row.prompt))
     annotator = SimulatedAnnotator(temperature=annotator_temperature)
-    rm = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
-    reference = load_causal_lm(sft).eval()
-    samples = {
-        name: _sample_policy(name, path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts)
-        for name, path in policies.items()
+    precision, reason = auto_precision()
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    print(f"evaluation: {len(rendered)} samples per policy, precision {precision} ({reason})")
+    rm = linear_weights_to(load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval(), dtype)
+    reference = linear_weights_to(load_causal_lm(sft).eval(), dtype)
+    with inference_autocast(precision=precision):
+        samples = {
+            name: _sample_policy(
+                name, path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts, dtype
+            )
+            for name, path in policies.items()
+        }
+    report: dict = {
+        "options": asdict(options),
+        "precision": precision,
+        "policies": {},
+        "win_rates": {},
+        "win_rate_intervals": {},
+        "n_samples": len(rendered),
+        "n_prompts": len(rows),
     }
-    report: dict = {"options": asdict(options), "policies": {}, "win_rates": {}, "n_samples": len(rendered)}
     for name, s in samples.items():
         n = len(s.gold)
         report["policies"][name] = {
@@ -184,8 +227,8 @@ def evaluate(
             "response_length": sum(s.lengths) / n,
             "eos_rate": sum(s.finished) / n,
             "examples": [
-                {"prompt": p, "response": t, "gold": g, "proxy": q}
-                for p, t, g, q in list(zip(prompt_texts, s.texts, s.gold, s.proxy))[:4]
+                {"prompt": p, "response": t, "gold": g, "proxy": q, "finished": f}
+                for p, t, g, q, f in zip(prompt_texts, s.texts, s.gold, s.proxy, s.finished)
             ],
         }
     if "ppo" in samples:
@@ -193,10 +236,12 @@ def evaluate(
             if other != "ppo":
                 a, b = samples["ppo"].gold, samples[other].gold
                 report["win_rates"][f"ppo_vs_{other}"] = win_rate(a, b)
+                report["win_rate_intervals"][f"ppo_vs_{other}"] = win_rate_interval(a, b, prompt_ids)
                 noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
                 report.setdefault("noisy_win_rates", {})[f"ppo_vs_{other}"] = sum(noisy) / len(noisy)
     if options.preferences:
-        report["reward_model_accuracy"] = reward_model_accuracy(rm, tokenizer, options.preferences)
+        with inference_autocast(precision=precision):
+            report["reward_model_accuracy"] = reward_model_accuracy(rm, tokenizer, options.preferences)
     return report
 
 

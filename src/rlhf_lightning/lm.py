@@ -45,10 +45,26 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     return score_head(model)(last).squeeze(-1)
 
 
-def response_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+def head_logits(model: nn.Module, hidden: Tensor, fp32: bool = False) -> Tensor:
+    """The LM head on ``hidden``; with ``fp32`` outside autocast, in float32.
+
+    A bf16 logit of ~20 has a rounding step of 0.125, about the PPO clip range in log-ratio at
+    temperature 0.7: probability ratios need the head in fp32 (the backbone may stay in bf16).
+    """
+    head = lm_head(model)
+    if not fp32:
+        return head(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden.float(), head.weight.float(), bias)
+
+
+def response_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int, fp32_head: bool = False
+) -> Tensor:
     """Logits predicting tokens ``start:`` of each row, ``(batch, time - start, vocab)``."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
-    return lm_head(model)(hidden)
+    return head_logits(model, hidden, fp32_head)
 
 
 def _sampling_logits(logits: Tensor, temperature: float, suppress: int | None) -> Tensor:

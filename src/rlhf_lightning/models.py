@@ -321,6 +321,51 @@ def lm_head(model: nn.Module) -> nn.Module:
     return inner.get_output_embeddings()
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (``model.layers`` in Llama/Qwen/Mistral, ``h`` in GPT-2)."""
+    n = getattr(backbone(model).config, "num_hidden_layers", None)
+    for module in backbone(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelLoadError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def keep_bottom_layers(model: nn.Module, n: int) -> nn.Module:
+    """Drop every transformer block above the first ``n`` (the final norm and the heads stay).
+
+    The result is a smaller model of the same family: its config says ``num_hidden_layers = n``, so its
+    Hugging Face export loads as usual.
+    """
+    layers = decoder_layers(model)
+    if not 0 < n <= len(layers):
+        raise ModelLoadError(f"num_layers must be between 1 and {len(layers)}, got {n}")
+    del layers[n:]
+    for config in {id(c): c for c in (model.config, backbone(model).config)}.values():
+        config.num_hidden_layers = n
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:n]
+    return model
+
+
+def train_top_layers(model: nn.Module, n: int) -> nn.Module:
+    """Freeze the embeddings and every transformer block but the top ``n``; heads and final norm train.
+
+    Backpropagation then stops at the lowest trainable block: with a third of the blocks trainable a
+    training step costs about 55% of a full one (the forward is whole, the backward a third), and
+    AdamW keeps state for a third of the weights. Lower blocks hold general features (token and syntax)
+    that a reward model or a short PPO run need not move.
+    """
+    layers = decoder_layers(model)
+    if not 0 < n <= len(layers):
+        raise ModelLoadError(f"train_top_layers must be between 1 and {len(layers)}, got {n}")
+    frozen = {id(p) for layer in layers[: len(layers) - n] for p in layer.parameters()}
+    frozen |= {id(p) for p in backbone(model).get_input_embeddings().parameters()}
+    for parameter in model.parameters():
+        if id(parameter) in frozen:
+            parameter.requires_grad_(False)
+    return model
+
+
 @dataclass
 class LoraOptions:
     """LoRA adapters (peft) instead of full fine-tuning; exports are merged into plain weights.
@@ -379,3 +424,17 @@ def save_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the weights of ``model``'s linear layers in ``dtype``; embeddings and norms keep theirs.
+
+    For a frozen model run under autocast to ``dtype`` this changes no number: autocast would cast
+    those weights to ``dtype`` before every matmul anyway. It halves their memory (bf16) and skips the
+    casts. A linear layer tied to the input embedding is left alone, so the embedding stays exact.
+    """
+    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight is not tied:
+            module.to(dtype)
+    return model

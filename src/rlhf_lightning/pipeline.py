@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _done(export: Path) -> bool:
     return (export / "config.json").exists()
 
 
-def _write_stage_config(
+def write_stage_config(
     config: str, stage_dir: Path, tb: Path, stage: str, inputs: dict, export: Path
 ) -> Path:
     """A copy of a stage's config with the run's inputs and output paths filled in."""
@@ -113,7 +114,7 @@ def run_pipeline(
         if _done(exports[stage]):
             rank_zero_info(f"[pipeline] {stage}: export {exports[stage]} exists, stage skipped")
             continue
-        stage_config = _write_stage_config(config, run / stage, tb, stage, inputs, exports[stage])
+        stage_config = write_stage_config(config, run / stage, tb, stage, inputs, exports[stage])
         args = ["fit", "-c", str(stage_config), *(overrides or [])]
         if (run / stage / "checkpoints" / "last.ckpt").exists():
             args += ["--ckpt_path", "last"]
@@ -141,7 +142,8 @@ def run_pipeline(
 
     from rlhf_lightning.report import write_report
 
-    path = write_report(run, report, timings, tb / "ppo")
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    path = write_report(run, report, timings, tb / "ppo", peak_rss_gb)
     print(path.read_text())
     print(f"report: {path}  TensorBoard: tensorboard --logdir {tb}")
     return report

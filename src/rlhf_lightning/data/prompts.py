@@ -45,13 +45,20 @@ class PromptDataModule(TextDataModule):
             raise SkipRow("empty prompt")
         if len(ids) > self.max_length:
             raise SkipRow("prompt longer than max_length")
-        return {"input_ids": ids}
+        text = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+        return {"input_ids": ids, "text": text}
 
     def collate(self, examples: list[dict]) -> dict:
+        """Left-padded ``input_ids`` and ``attention_mask``, and ``prompt_texts`` (the last user turn, for
+        callbacks that judge responses by text)."""
         input_ids, attention_mask = left_padded(
             [e["input_ids"] for e in examples], self.tokenizer.pad_token_id
         )
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prompt_texts": [e.get("text", "") for e in examples],
+        }
 
     def encode_val(self, row: PreferenceRow) -> dict:
         return encode_preference(self.tokenizer, row, self.val_max_length)

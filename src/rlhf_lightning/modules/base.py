@@ -10,7 +10,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, apply_lora, load_tokenizer, save_hf
+from rlhf_lightning.models import train_top_layers as train_top_layers_of
 from rlhf_lightning.schedules import deferred_schedule
 
 
@@ -48,6 +50,9 @@ class FinetuneModule(LightningModule):
         warmup_ratio: Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
         lr_scheduler: Shape of the learning rate after warm-up.
         lora: Train LoRA adapters instead of every weight (``None``: full fine-tuning).
+        train_top_layers: Train only the top this many transformer blocks (and the heads and final norm);
+            the embeddings and lower blocks stay frozen, so a step costs a little over half as much
+            (``None``: every weight trains).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         export_dir: Where the Hugging Face export is written at the end of ``fit`` (``None``: no export).
             The next stage's config points here.
@@ -65,6 +70,7 @@ class FinetuneModule(LightningModule):
         warmup_ratio: float = 0.1,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
         lora: LoraOptions | None = None,
+        train_top_layers: int | None = None,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         trust_remote_code: bool = False,
@@ -75,6 +81,10 @@ class FinetuneModule(LightningModule):
         self.hparams["lora"] = asdict(lora) if lora else None  # a dict: checkpoints load with weights_only
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.model = self.build_model().train()
+        if train_top_layers is not None:
+            if lora is not None:
+                raise ConfigurationError("model.train_top_layers and model.lora exclude each other: pick one")
+            train_top_layers_of(self.model, train_top_layers)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False

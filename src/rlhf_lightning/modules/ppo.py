@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
     entropy_from_logits,
+    head_logits,
     hidden_states,
     last_token_index,
     logprobs_from_logits,
@@ -46,13 +47,14 @@ from rlhf_lightning.models import (
     LoraOptions,
     apply_lora,
     backbone,
-    lm_head,
+    linear_weights_to,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     save_hf,
     score_head,
 )
+from rlhf_lightning.models import train_top_layers as train_top_layers_of
 from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.reward import STATS_FILE
 from rlhf_lightning.rl.gae import gae
@@ -72,20 +74,6 @@ class NonFiniteError(RuntimeError):
 def _freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
-
-
-def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the weights of ``model``'s linear layers in ``dtype``; embeddings and norms keep theirs.
-
-    For a frozen model run under autocast to ``dtype`` this changes no number: autocast would cast
-    those weights to ``dtype`` before every matmul anyway. It halves their memory (bf16) and skips the
-    casts. A linear layer tied to the input embedding is left alone, so the embedding stays exact.
-    """
-    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight is not tied:
-            module.to(dtype)
-    return model
 
 
 def read_reward_stats(path: str) -> dict | None:
@@ -131,6 +119,8 @@ class PPOModule(LightningModule):
         temperature: Sampling temperature; log-probs for the PPO ratio use the same temperature.
         normalize_reward: Standardise scores with the mean/std stored by the reward stage.
         missing_eos_penalty: Subtracted from the score of responses that never emit EOS (``None``: off).
+        calibrate_value_bias: On the first rollout, shift the value head's bias so the critic's mean
+            error on it is zero (the copied reward head knows neither the EOS penalty nor the KL term).
         kl_coef: Initial KL coefficient beta.
         kl_estimator: Per-token KL estimator in the reward: ``k1`` (log-ratio) or ``k3`` (non-negative).
         adaptive_kl_target: Adapt beta toward this KL per response (Ziegler et al. 2019; TRL's legacy
@@ -152,6 +142,8 @@ class PPOModule(LightningModule):
         max_grad_norm: Gradient norm clip (``None``: off).
         lr_scheduler: Learning-rate schedule over the PPO iterations.
         lora: Train LoRA adapters on the policy instead of every weight (``None``: full fine-tuning).
+        train_top_layers: Train only the policy's top this many transformer blocks (and its final norm
+            and the value head); embeddings and lower blocks stay frozen (``None``: every weight).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         max_nonfinite_rollouts: Consecutive iterations with NaN/inf that stop the run (each one is skipped).
         rollout_seed: Seed of the rollout sampling and minibatch order (offset by rank and iteration, so a
@@ -171,6 +163,7 @@ class PPOModule(LightningModule):
         temperature: float = 0.7,
         normalize_reward: bool = True,
         missing_eos_penalty: float | None = None,
+        calibrate_value_bias: bool = True,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
         adaptive_kl_target: float | None = None,
@@ -190,6 +183,7 @@ class PPOModule(LightningModule):
         max_grad_norm: float | None = 1.0,
         lr_scheduler: Literal["linear", "constant"] = "linear",
         lora: LoraOptions | None = None,
+        train_top_layers: int | None = None,
         gradient_checkpointing: bool = False,
         max_nonfinite_rollouts: int = 3,
         rollout_seed: int = 0,
@@ -215,6 +209,10 @@ class PPOModule(LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
+        if train_top_layers is not None:
+            if lora is not None:
+                raise ConfigurationError("model.train_top_layers and model.lora exclude each other: pick one")
+            train_top_layers_of(self.policy, train_top_layers)
         if lora is not None:
             self.policy = apply_lora(self.policy, lora, "CAUSAL_LM")
         if reference is not None or lora is None:
@@ -398,8 +396,8 @@ class PPOModule(LightningModule):
         """Policy logits and critic values for the tokens from ``start`` on."""
         if self.critic is None:  # one backbone for both heads
             hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
-            return lm_head(self.policy)(hidden), self.value_head(hidden).squeeze(-1)
-        logits = response_logits(self.policy, input_ids, attention_mask, start)
+            return head_logits(self.policy, hidden, fp32=True), self.value_head(hidden).squeeze(-1)
+        logits = response_logits(self.policy, input_ids, attention_mask, start, fp32_head=True)
         return logits, self.critic_values(input_ids, attention_mask, start)
 
     def critic_values(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
@@ -495,7 +493,7 @@ class PPOModule(LightningModule):
         del logits
         with self._reference_model() as reference:
             ref_logprobs = self.logprobs(
-                response_logits(reference, input_ids, attention_mask, start), responses
+                response_logits(reference, input_ids, attention_mask, start, fp32_head=True), responses
             )
         raw_scores, scores = self.score(input_ids, attention_mask, responses)
 
@@ -508,6 +506,8 @@ class PPOModule(LightningModule):
         if h.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False, all_reduce=self._all_reduce)
         values = values.float() * mask
+        if self.rollouts == 0 and h.calibrate_value_bias:
+            values = (values + self._calibrate_value_bias(rewards, values, mask)) * mask
         advantages, returns = gae(rewards, values, mask, h.gamma, h.lam)
         advantages = whiten(advantages, mask, all_reduce=self._all_reduce)
         return {
@@ -525,7 +525,22 @@ class PPOModule(LightningModule):
             "kl": kl,
             "entropy": entropy * mask,
             "non_score_reward": non_score_reward,
+            "prompt_texts": batch.get("prompt_texts"),
         }
+
+    def _calibrate_value_bias(self, rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Shift the value head's bias by the critic's mean error on the first rollout; returns the shift.
+
+        The head copied from the reward model predicts the normalised score, but not the missing-EOS
+        penalty or the KL term: without this, most tokens start with the same error (about -0.9 when 90%
+        of responses miss EOS), which value clipping undoes by at most ``clip_range_value`` per iteration.
+        """
+        _, returns = gae(rewards, torch.zeros_like(values), mask, self.hparams.gamma, 1.0)  # rewards-to-go
+        totals = self._all_reduce(torch.stack([((returns - values) * mask).sum(), mask.sum().float()]))
+        shift = totals[0] / totals[1]
+        with torch.no_grad():
+            self.value_head.bias.add_(shift.to(self.value_head.bias.dtype))
+        return shift
 
     def _minibatch(self, data: dict, idx: Tensor) -> dict:
         """Rows ``idx`` of a rollout, with all-pad columns trimmed on both sides."""
@@ -610,7 +625,7 @@ class PPOModule(LightningModule):
         ids, mask, start = mb["input_ids"], mb["attention_mask"], mb["start"]
         split = self.critic is not None and self._one_process
         if split:
-            logits = response_logits(self.policy, ids, mask, start)
+            logits = response_logits(self.policy, ids, mask, start, fp32_head=True)
         else:
             logits, values = self.policy_and_values(ids, mask, start)
         pg_loss, pg_stats = policy_loss(
@@ -702,6 +717,7 @@ class PPOModule(LightningModule):
             {k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n
         )
         self.last_rollout = {
+            "prompt_texts": data.get("prompt_texts"),
             "input_ids": data["input_ids"].detach(),
             "start": data["start"],
             "mask": mask,

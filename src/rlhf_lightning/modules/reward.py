@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, PearsonCorrCoef
 
 from rlhf_lightning.lm import sequence_scores
-from rlhf_lightning.models import load_reward_model
+from rlhf_lightning.models import keep_bottom_layers, load_reward_model
 from rlhf_lightning.modules.base import FinetuneModule
 from rlhf_lightning.rl.ranking import pair_accuracy, ranking_loss
 
@@ -23,7 +23,8 @@ STATS_FILE = "reward_stats.json"
 class RewardModule(FinetuneModule):
     """Trains a scalar reward model on preferences; exports an ``AutoModelForSequenceClassification``.
 
-    Logs ``{train,val}/loss``, ``{train,val}/preference_accuracy``, ``{train,val}/rewards_chosen``,
+    Logs ``{train,val}/loss``, ``{train,val}/preference_accuracy`` (and its per-epoch mean,
+    ``train/preference_accuracy_epoch``), ``{train,val}/rewards_chosen``,
     ``{train,val}/rewards_rejected``, ``{train,val}/margin`` (chosen minus rejected) and
     ``val/length_correlation`` (Pearson correlation of reward and response length: a reward model
     that pays for length is one PPO will game).
@@ -31,6 +32,10 @@ class RewardModule(FinetuneModule):
     Args:
         center_rewards_coef: Weight of the mean squared reward added to the loss, which keeps rewards
             centred on zero (Eisenstein et al. 2023); 0 turns it off.
+        num_layers: Keep only the first this many transformer blocks of the starting model: a smaller
+            reward model (InstructGPT paired a 6B reward model with its 175B policy) that trains for
+            more epochs in the same time, and a cheaper critic for PPO, which starts from it
+            (``None``: all blocks).
     """
 
     lora_task = "SEQ_CLS"
@@ -39,9 +44,11 @@ class RewardModule(FinetuneModule):
         self,
         learning_rate: float = 1e-5,
         center_rewards_coef: float = 0.0,
+        num_layers: int | None = None,
         export_dir: str | None = "runs/reward/export",
         **kwargs,
     ):
+        self.num_layers = num_layers
         super().__init__(learning_rate=learning_rate, export_dir=export_dir, **kwargs)
         self.center_rewards_coef = center_rewards_coef
         self.val_loss = MeanMetric()
@@ -54,9 +61,10 @@ class RewardModule(FinetuneModule):
         self.reward_stats: dict | None = None
 
     def build_model(self) -> nn.Module:
-        return load_reward_model(
+        model = load_reward_model(
             self.hparams.model, self.hparams.trust_remote_code, pad_token_id=self.tokenizer.pad_token_id
         )
+        return model if self.num_layers is None else keep_bottom_layers(model, self.num_layers)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The reward of each row."""
@@ -76,6 +84,7 @@ class RewardModule(FinetuneModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         accuracy = pair_accuracy(rewards, batch["pairs"]).mean()
         self.log("train/preference_accuracy", accuracy, prog_bar=True, batch_size=n)
+        self.log("train/preference_accuracy_epoch", accuracy, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/rewards_chosen", chosen.mean(), batch_size=n)
         self.log("train/rewards_rejected", rejected.mean(), batch_size=n)
         self.log("train/margin", (chosen - rejected).mean(), batch_size=n)

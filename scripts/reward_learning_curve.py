@@ -1,0 +1,97 @@
+"""The reward model's learning curve: held-out accuracy against the number of comparisons it trained on.
+
+    python scripts/reward_learning_curve.py --sft runs/pipeline/sft/export --fractions 0.25 0.5 1
+
+Trains one reward model per fraction of the bundled training rankings (the first rows of
+``preferences_train``; every ranking of K responses gives C(K,2) comparisons) with ``configs/reward.yaml``
+unchanged otherwise, and measures each on the validation prompts' noise-free rankings (per epoch, from
+the stage's own ``val/preference_accuracy``) and on the held-out evaluation pairs (after training).
+Writes ``<out>/reward_learning_curve.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from rlhf_lightning.cli import run_stage
+from rlhf_lightning.data.sources import BUNDLED_DIR
+from rlhf_lightning.evaluation import reward_model_accuracy
+from rlhf_lightning.models import load_reward_model, load_tokenizer
+from rlhf_lightning.pipeline import write_stage_config
+from rlhf_lightning.precision import inference_autocast
+from rlhf_lightning.report import read_scalars
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    x = [r["comparisons"] for r in results]
+    ax.plot(x, [r["held_out_accuracy"] for r in results], "o-", label="held-out pairs (evaluation topics)")
+    ax.plot(x, [r["val_accuracy"][-1] for r in results], "s--", label="validation rankings (training topics)")
+    ax.plot(x, [r["train_accuracy"][-1] for r in results], "^:", label="training (noisy labels)")
+    ax.axhline(0.85, color="tab:red", lw=0.8, ls=":", label="goal 0.85")
+    ax.set_xscale("log")
+    ax.set_xlabel("training comparisons (noisy labels)")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sft", default="runs/pipeline/sft/export", help="the SFT export the reward model starts from"
+    )
+    parser.add_argument("--out", default="runs/reward_learning_curve")
+    parser.add_argument("--reward_config", default="configs/reward.yaml")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more overrides for the stage")
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = (BUNDLED_DIR / "preferences_train.jsonl").read_text().splitlines()
+    results = []
+    for fraction in args.fractions:
+        name = f"fraction_{fraction:g}"
+        subset = rows[: max(1, round(fraction * len(rows)))]
+        comparisons = sum(len(list(itertools.combinations(json.loads(r)["responses"], 2))) for r in subset)
+        stage_dir = out / name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        data = stage_dir / "preferences_train.jsonl"
+        data.write_text("\n".join(subset) + "\n")
+        export = stage_dir / "export"
+        if not (export / "config.json").exists():
+            inputs = {"model": args.sft}
+            config = write_stage_config(args.reward_config, stage_dir, out / "tb", name, inputs, export)
+            run_stage("reward", ["fit", "-c", str(config), "--data.init_args.train", str(data), *args.extra])
+        scalars = read_scalars(out / "tb" / name)
+        tokenizer = load_tokenizer(str(export))
+        model = load_reward_model(str(export), pad_token_id=tokenizer.pad_token_id).eval()
+        with inference_autocast():
+            held_out = reward_model_accuracy(model, tokenizer, "bundled:eval_preferences")
+        results.append({
+            "fraction": fraction, "rankings": len(subset), "comparisons": comparisons,
+            "train_accuracy": [v for _, v in sorted(scalars.get("train/preference_accuracy_epoch", []))],
+            "val_accuracy": [v for _, v in sorted(scalars.get("val/preference_accuracy", []))],
+            "held_out_accuracy": held_out,
+        })  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+    (out / "reward_learning_curve.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "reward_learning_curve.png")
+    print(f"wrote {out / 'reward_learning_curve.json'} and {out / 'reward_learning_curve.png'}")
+
+
+if __name__ == "__main__":
+    main()
