@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from rlhf_lightning.data.sources import BUNDLED_DIR
-from rlhf_lightning.demo_data import annotate_and_split, sample_demo_responses
+from rlhf_lightning.demo_data import add_training_responses, annotate_and_split, sample_demo_responses
 from rlhf_lightning.models import DEFAULT_MODEL
 
 
@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="as configs/ppo.yaml samples")
     parser.add_argument(
+        "--add-k", type=int, default=4, help="more responses per training prompt, sampled with seed + 1"
+    )
+    parser.add_argument(
         "--annotate-only", action="store_true", help="reuse OUT/samples.jsonl: only rank and split"
     )
     args = parser.parse_args()
@@ -38,6 +41,8 @@ def main() -> None:
         sample_demo_responses(
             args.out, args.model, args.n_prompts, args.n_eval, args.k, args.seed, args.max_new_tokens
         )
+        if args.add_k:
+            add_training_responses(args.out, args.add_k, args.seed + 1)
     manifest = annotate_and_split(args.out, seed=args.seed, command=command)
     print(json.dumps(manifest, indent=2))
 

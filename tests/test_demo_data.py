@@ -26,7 +26,8 @@ def test_manifest_records_the_recipe_and_sizes():
     manifest = load_manifest()
     assert manifest["command"].startswith("python scripts/make_demo_data.py")
     assert manifest["sampling"]["model"] == "bundled:SmolLM2-135M-Instruct"
-    assert manifest["sampling"]["k"] == 4
+    assert manifest["sampling"]["k"] == 4  # held-out prompts; training prompts get 4 more
+    assert manifest["sampling"]["added_training_responses"]["k"] == 4
     assert manifest["annotator"]["expected_agreement"] == pytest.approx(0.726, abs=1e-3)
     for name in FILES:
         assert manifest["sizes"][name] == len(_rows(name)), name
@@ -44,7 +45,8 @@ def test_every_bundled_file_parses_without_skips(name, parse):
 
 
 def test_rankings_have_k_responses_and_strict_ranks():
-    k = load_manifest()["sampling"]["k"]
+    sampling = load_manifest()["sampling"]
+    k = sampling["k"] + sampling.get("added_training_responses", {}).get("k", 0)
     for row in _rows("preferences_train") + _rows("preferences_val"):
         n = len(row["responses"])
         assert 2 <= n <= k

@@ -22,11 +22,14 @@ def test_interval_over_independent_prompts():
 
 
 def test_interval_treats_samples_of_one_prompt_as_one_observation():
-    a, b = [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]
-    grouped = win_rate_interval(a, b, groups=[0, 0, 1, 1])  # two prompts: outcomes 1 and 0
+    outcomes = [1, 1, 1, 1, 0, 0, 1, 1]  # four prompts, two samples each: prompt means 1, 1, 0, 1
+    a, b = [float(o) for o in outcomes], [0.5] * 8
+    grouped = win_rate_interval(a, b, groups=[0, 0, 1, 1, 2, 2, 3, 3])
     independent = win_rate_interval(a, b)
-    assert grouped[1] - grouped[0] > independent[1] - independent[0]
-    assert grouped == (0.0, 1.0)  # mean 0.5, half-width 1.96 * 0.5, clipped to [0, 1]
+    assert grouped[0] == pytest.approx(0.75 - 1.959964 * 0.5 / 2)  # sd of (1, 1, 0, 1) is 0.5
+    sd = math.sqrt((6 * 0.25**2 + 2 * 0.75**2) / 7)
+    assert independent[0] == pytest.approx(0.75 - 1.959964 * sd / math.sqrt(8))
+    assert grouped[0] < independent[0]  # correlated samples of a prompt: a wider interval
 
 
 def test_a_single_prompt_has_no_spread():

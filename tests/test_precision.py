@@ -45,13 +45,13 @@ def test_without_cpu_flags_a_timing_probe_decides(monkeypatch):
     precision.cpu_bf16_native.cache_clear()
 
 
-TINY_SFT = ["fit", "-c", str(REPO_ROOT / "configs" / "tiny" / "sft.yaml"), "--trainer.max_steps", "1"]
+TINY_SFT = ["-c", str(REPO_ROOT / "configs" / "tiny" / "sft.yaml"), "--trainer.max_steps", "1"]
 
 
 def test_an_unset_precision_is_chosen_for_the_machine_and_logged(cpu_flags, caplog):
     cpu_flags({"avx2"})
     with caplog.at_level("INFO"):
-        cli = run_stage("sft", TINY_SFT, run=False)
+        cli = run_stage("sft", [*TINY_SFT, "--trainer.precision", "null"], run=False)  # as if unset
     assert cli.trainer.precision == "32-true"
     assert "precision: 32-true (chosen for this machine" in caplog.text
 
@@ -59,6 +59,6 @@ def test_an_unset_precision_is_chosen_for_the_machine_and_logged(cpu_flags, capl
 def test_an_explicit_precision_wins(cpu_flags, caplog):
     cpu_flags({"avx2"})
     with caplog.at_level("INFO"):
-        cli = run_stage("sft", [*TINY_SFT, "--trainer.precision", "bf16-mixed"], run=False)
-    assert cli.trainer.precision == "bf16-mixed"
-    assert "set by trainer.precision" in caplog.text
+        cli = run_stage("sft", [*TINY_SFT, "--trainer.precision", "bf16-true"], run=False)
+    assert cli.trainer.precision == "bf16-true"
+    assert "precision: bf16-true (set by trainer.precision)" in caplog.text

@@ -48,7 +48,7 @@ _INSTRUCTION_WORDS = (
     "year old ten twelve kid kids child children beginner beginners better best good get getting way ways "
     "know feel feeling nervous worried worry anxious kind friend friends someone somebody something "
     "encouraging encourage facing face about help please fun interesting tiny little "
-    "first second third couple new"
+    "first second third couple new keep make sure try using use"
 )
 _STOPWORDS = frozenset(_FUNCTION_WORDS.split()) | frozenset(_INSTRUCTION_WORDS.split())
 _SUFFIXES = (("ies", "y"), ("es", ""), ("s", ""), ("ing", ""), ("ed", ""))

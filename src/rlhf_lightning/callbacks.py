@@ -179,6 +179,29 @@ class GoldJudge(Callback):
         if self.prompts and (pl_module.rollouts % self.every_n_rollouts == 0 or last):
             self._win_rate(trainer, pl_module)
 
+    @rank_zero_only
+    def _win_rate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Written straight to TensorBoard at the iteration's step: logged through Lightning, a value
+        logged only every few steps would be repeated at every step in between."""
+        from rlhf_lightning.evaluation import win_rate, win_rate_interval
+
+        writer = _tensorboard(trainer)
+        if writer is None:
+            return
+        if self._reference_gold is None:
+            with pl_module._reference_model() as reference:
+                self._reference_gold = self._sample_gold(trainer, pl_module, reference)
+        gold = self._sample_gold(trainer, pl_module, pl_module.policy)
+        low, high = win_rate_interval(gold, self._reference_gold)
+        step = pl_module.rollouts - 1  # the step of the iteration's other scalars
+        for key, value in (
+            ("gold/win_rate", win_rate(gold, self._reference_gold)),
+            ("gold/win_rate_low", low),
+            ("gold/win_rate_high", high),
+            ("gold/val_score", sum(gold) / len(gold)),
+        ):
+            writer.add_scalar(key, value, step)
+
     def _prompt_batch(self, pl_module: LightningModule) -> dict:
         if self._batch is None:
             from rlhf_lightning.data.batching import left_padded
@@ -215,19 +238,3 @@ class GoldJudge(Callback):
                 temperature=h.temperature,
             )
         return self._judge(tokenizer, batch["texts"], responses, mask)[0]
-
-    def _win_rate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from rlhf_lightning.evaluation import win_rate, win_rate_interval
-
-        if self._reference_gold is None:
-            with pl_module._reference_model() as reference:
-                self._reference_gold = self._sample_gold(trainer, pl_module, reference)
-        gold = self._sample_gold(trainer, pl_module, pl_module.policy)
-        low, high = win_rate_interval(gold, self._reference_gold)
-        for key, value in (
-            ("gold/win_rate", win_rate(gold, self._reference_gold)),
-            ("gold/win_rate_low", low),
-            ("gold/win_rate_high", high),
-            ("gold/val_score", sum(gold) / len(gold)),
-        ):
-            pl_module.log(key, value, on_step=True, sync_dist=True)

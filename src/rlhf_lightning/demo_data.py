@@ -351,6 +351,31 @@ def sample_demo_responses(
     return out / "samples.jsonl"
 
 
+def add_training_responses(out_dir: str | Path, extra: int = 4, seed: int = 1, batch_size: int = 32) -> Path:
+    """Step 1b: sample ``extra`` more responses for every training prompt (not the held-out ones), with
+    the settings of step 1 and another seed, and append them to ``samples.jsonl``.
+
+    A ranking of K responses gives C(K,2) comparisons for K sequences the reward model must read:
+    K=8 gives 28 from 8 (InstructGPT ranked 4 to 9), against 6 from 4 at K=4.
+    """
+    out = Path(out_dir)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    sampling = json.loads((out / "sampling.json").read_text())
+    train = [r for r in rows if r["split"] == "train"]
+    with inference_autocast():
+        samples = generate_responses(
+            sampling["model"], [r["prompt"] for r in train], extra, seed,
+            sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"], batch_size,
+        )  # fmt: skip
+    for row, group in zip(train, samples):
+        row["responses"] += [t for t, _ in group]
+        row["finished"] += [f for _, f in group]
+    _write_jsonl(out / "samples.jsonl", rows)
+    sampling["added_training_responses"] = {"k": extra, "seed": seed}
+    (out / "sampling.json").write_text(json.dumps(sampling, indent=2))
+    return out / "samples.jsonl"
+
+
 def annotate_and_split(
     out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0, command: str = ""
 ) -> dict:
