@@ -4,6 +4,7 @@
 # torch goes first: a plain `torch` requirement with no torch installed would pull a multi-GB CUDA
 # build. Set TORCH_SPEC to choose another build (e.g. TORCH_SPEC="torch" on a GPU machine).
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore  # CI and containers install as root on purpose
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --upgrade pip

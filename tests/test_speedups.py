@@ -183,6 +183,7 @@ def test_rollout_weight_cast_cache_changes_no_number(tmp_path):
     import contextlib
 
     module, data = _tiny_ppo(tmp_path)
+    module.hparams.calibrate_value_bias = False  # the first rollout would move the value head between the two
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     outputs = []
@@ -195,3 +196,28 @@ def test_rollout_weight_cast_cache_changes_no_number(tmp_path):
             assert not torch.is_autocast_cache_enabled()
     for key in ("responses", "logprobs", "values", "advantages", "kl"):
         assert torch.equal(outputs[0][key], outputs[1][key]), key
+
+
+def test_first_rollout_calibrates_the_value_bias_to_zero_mean_error(tmp_path):
+    """The copied reward head knows neither the EOS penalty nor the KL term: after the first rollout the
+    critic's mean error against the rewards-to-go is zero, and later rollouts leave the bias alone."""
+    from rlhf_lightning.rl.gae import gae
+
+    module, data = _tiny_ppo(tmp_path, missing_eos_penalty=1.0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    before = module.value_head.bias.detach().clone()
+    torch.manual_seed(0)
+    out = module.rollout(batch)
+    mask = out["mask"]
+    rewards = out["non_score_reward"].clone()
+    last = mask.long().cumsum(-1).argmax(-1)
+    rewards[torch.arange(rewards.shape[0]), last] += out["scores"]
+    _, to_go = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    error = ((to_go - out["values"]) * mask).sum() / mask.sum()
+    assert abs(float(error)) < 1e-5
+    assert not torch.equal(module.value_head.bias, before)
+    module.rollouts = 1
+    shifted = module.value_head.bias.detach().clone()
+    module.rollout(batch)
+    assert torch.equal(module.value_head.bias, shifted)

@@ -79,6 +79,8 @@ def test_reward_fit_learns_a_keyword_preference(tmp_path, write_jsonl, read_scal
             "8",
             "--trainer.max_epochs",
             "3",
+            "--trainer.limit_train_batches",
+            "1.0",
             "--trainer.logger.init_args.save_dir",
             str(logs),
             "--trainer.enable_progress_bar",
