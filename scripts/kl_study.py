@@ -17,6 +17,7 @@ from rlhf_lightning.cli import run_stage
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
 from rlhf_lightning.pipeline import write_stage_config
+from rlhf_lightning.report import finish_figure
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -40,11 +41,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.axhline(results[0]["sft_gold"], color="grey", lw=0.8, ls=":", label="SFT gold")
     ax.set_xlabel("KL(policy || SFT) per response (nats)")
     ax.set_ylabel("mean score on held-out prompts")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, ax, path)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from rlhf_lightning.evaluation import reward_model_accuracy
 from rlhf_lightning.models import load_reward_model, load_tokenizer
 from rlhf_lightning.pipeline import write_stage_config
 from rlhf_lightning.precision import inference_autocast
-from rlhf_lightning.report import read_scalars
+from rlhf_lightning.report import finish_figure, read_scalars
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -41,11 +41,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("training comparisons (noisy labels)")
     ax.set_ylabel("pairwise accuracy")
     ax.set_ylim(0.4, 1.0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, ax, path)
 
 
 def main() -> None:

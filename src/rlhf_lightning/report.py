@@ -26,6 +26,17 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def finish_figure(fig, ax, path: Path) -> None:
+    """Legend, grid, tight layout; write ``path`` and free the figure (the scripts' single-panel plots)."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_ppo_curves(scalars: dict, path: Path) -> Path | None:
     """Reward, KL and preference accuracy over PPO iterations."""
     import matplotlib
