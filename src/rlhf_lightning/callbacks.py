@@ -153,11 +153,11 @@ class GoldJudge(Callback):
         self._reference_gold: list[float] | None = None
 
     def _judge(self, tokenizer, texts: list[str], responses, mask) -> tuple[list[float], list[bool]]:
+        from rlhf_lightning.data.render import decode_response
+
         gold, finished = [], []
         for prompt, row, row_mask in zip(texts, responses, mask):
-            tokens = row[row_mask.bool()].tolist()
-            done = tokenizer.eos_token_id in tokens
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            text, done, _ = decode_response(tokenizer, row, row_mask)
             gold.append(self.annotator.score(prompt, text, done))
             finished.append(done)
         return gold, finished
@@ -206,7 +206,7 @@ class GoldJudge(Callback):
         if self._batch is None:
             from rlhf_lightning.data.batching import left_padded
             from rlhf_lightning.data.formats import to_prompt_row
-            from rlhf_lightning.data.render import encode, prompt_text
+            from rlhf_lightning.data.render import encode, prompt_text, user_text
             from rlhf_lightning.data.sources import read_rows
 
             rows, _ = read_rows(self.prompts, to_prompt_row)
@@ -215,7 +215,7 @@ class GoldJudge(Callback):
             ids, mask = left_padded(
                 [encode(tokenizer, prompt_text(tokenizer, r.prompt)) for r in rows], tokenizer.pad_token_id
             )
-            texts = [r.prompt if isinstance(r.prompt, str) else r.prompt[-1]["content"] for r in rows]
+            texts = [user_text(r.prompt) for r in rows]
             self._batch = {"input_ids": ids, "attention_mask": mask, "texts": texts}
         return self._batch
 

@@ -38,7 +38,7 @@ from rlhf_lightning.annotator import (
     truth_agreement,
 )
 from rlhf_lightning.data.batching import left_padded
-from rlhf_lightning.data.render import encode, prompt_text
+from rlhf_lightning.data.render import decode_response, encode, prompt_text
 from rlhf_lightning.lm import sample
 from rlhf_lightning.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rlhf_lightning.precision import auto_precision, inference_autocast
@@ -289,9 +289,8 @@ def generate_responses(
         for i in range(0, len(ids), k):
             group = []
             for row, row_mask in zip(responses[i : i + k], mask[i : i + k]):
-                tokens = row[row_mask].tolist()
-                finished = tokenizer.eos_token_id in tokens
-                group.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished))
+                text, finished, _ = decode_response(tokenizer, row, row_mask)
+                group.append((text, finished))
             out.append(group)
     return out
 

@@ -23,7 +23,7 @@ from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
-from rlhf_lightning.data.render import encode, prompt_text
+from rlhf_lightning.data.render import decode_response, encode, prompt_text, user_text
 from rlhf_lightning.data.sources import read_rows
 from rlhf_lightning.lm import response_logprobs, sample, sequence_scores, suppressed_token
 from rlhf_lightning.models import linear_weights_to, load_causal_lm, load_reward_model, load_tokenizer
@@ -139,12 +139,10 @@ def _sample_policy(
         ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature, suppress)
         out.kl_to_sft += ((logp - ref_logp) * response_mask).sum(-1).tolist()
         for i, (row, row_mask) in enumerate(zip(responses, response_mask)):
-            tokens = row[row_mask].tolist()
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            done = eos in tokens
+            text, done, length = decode_response(tokenizer, row, row_mask)
             out.texts.append(text)
             out.finished.append(done)
-            out.lengths.append(len(tokens))
+            out.lengths.append(length)
             out.gold.append(annotator.score(prompt_texts[begin + i], text, done))
     return out
 
@@ -191,7 +189,7 @@ def evaluate(
     rows, _ = read_rows(options.prompts, to_prompt_row)
     prompt_texts, rendered, prompt_ids = [], [], []
     for index, row in enumerate(rows):
-        user = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+        user = user_text(row.prompt)
         for _ in range(options.samples_per_prompt):
             prompt_ids.append(index)
             prompt_texts.append(user)

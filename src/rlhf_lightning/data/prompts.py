@@ -10,7 +10,7 @@ from rlhf_lightning.data.base import TextDataModule
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import PreferenceRow, PromptRow, SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import collate_preferences, encode_preference
-from rlhf_lightning.data.render import encode, prompt_text
+from rlhf_lightning.data.render import encode, prompt_text, user_text
 from rlhf_lightning.errors import ConfigurationError
 
 
@@ -45,8 +45,7 @@ class PromptDataModule(TextDataModule):
             raise SkipRow("empty prompt")
         if len(ids) > self.max_length:
             raise SkipRow("prompt longer than max_length")
-        text = row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
-        return {"input_ids": ids, "text": text}
+        return {"input_ids": ids, "text": user_text(row.prompt)}
 
     def collate(self, examples: list[dict]) -> dict:
         """Left-padded ``input_ids`` and ``attention_mask``, and ``prompt_texts`` (the last user turn, for

@@ -25,6 +25,18 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
+def user_text(prompt: Prompt) -> str:
+    """What the user asked: a string prompt itself, or the content of a message list's last turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def decode_response(tokenizer: PreTrainedTokenizerBase, tokens, mask) -> tuple[str, bool, int]:
+    """A sampled response row as ``(text, finished, length)``: the masked-in tokens decoded without
+    special tokens, whether they include EOS, and how many there are."""
+    ids = tokens[mask.bool()].tolist()
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), tokenizer.eos_token_id in ids, len(ids)
+
+
 def completion_text(
     tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str, finished: bool = True
 ) -> str:
