@@ -71,7 +71,9 @@ def main() -> None:
         if not (export / "config.json").exists():
             inputs = {"model": args.sft}
             config = write_stage_config(args.reward_config, stage_dir, out / "tb", name, inputs, export)
-            run_stage("reward", ["fit", "-c", str(config), "--data.init_args.train", str(data), *args.extra])
+            args_ = ["fit", "-c", str(config), "--data.init_args.train", str(data)]
+            # every comparison of the fraction, whatever share of an epoch the config trains on
+            run_stage("reward", [*args_, "--trainer.limit_train_batches", "1.0", *args.extra])
         scalars = read_scalars(out / "tb" / name)
         tokenizer = load_tokenizer(str(export))
         model = load_reward_model(str(export), pad_token_id=tokenizer.pad_token_id).eval()

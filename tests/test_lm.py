@@ -98,6 +98,22 @@ def test_response_logprobs_match_full_forward(tiny_lm):
     torch.testing.assert_close(hot[valid], expected_hot[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_response_logprobs_in_row_groups_are_the_same_numbers(tiny_lm):
+    """Without gradients the LM head runs over groups of rows (memory stays flat); the numbers do not move."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (5, 9), generator=g)
+    mask = torch.ones_like(ids)
+    vocab = tiny_lm.get_output_embeddings().out_features
+    with torch.no_grad():
+        whole = response_logprobs(tiny_lm, ids, mask, 3)
+        one_row_at_a_time = response_logprobs(tiny_lm, ids, mask, 3, max_logits=6 * vocab)
+        two_rows = response_logprobs(tiny_lm, ids, mask, 3, max_logits=2 * 6 * vocab)
+    torch.testing.assert_close(one_row_at_a_time, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two_rows, whole, atol=1e-6, rtol=1e-6)
+    # With gradients the rows stay together (autograd keeps every group's logits anyway) and gradients flow.
+    assert response_logprobs(tiny_lm, ids, mask, 3, max_logits=1).requires_grad
+
+
 def test_response_logprobs_left_padding_invariant(tiny_lm):
     """A left-padded row gives the same response log-probs as the same row unpadded."""
     g = torch.Generator().manual_seed(1)

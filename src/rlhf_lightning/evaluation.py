@@ -107,12 +107,13 @@ def _sample_policy(
     tokenizer,
     reward_model,
     reference,
+    reference_dir: str,
     annotator: SimulatedAnnotator,
     prompt_texts: list[str],
     dtype: torch.dtype,
 ) -> PolicySamples:
-    model = load_causal_lm(model_dir).eval()
-    linear_weights_to(model, dtype)
+    is_reference = model_dir == reference_dir  # the SFT policy: its KL to itself is 0, no second copy
+    model = reference if is_reference else linear_weights_to(load_causal_lm(model_dir).eval(), dtype)
     out = PolicySamples()
     torch.manual_seed(options.seed)
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -133,11 +134,13 @@ def _sample_policy(
         full = torch.cat([ids, responses], 1)
         full_mask = torch.cat([mask, response_mask.long()], 1)
         out.proxy += sequence_scores(reward_model, full, full_mask).float().tolist()
-        start = ids.shape[1]
-        suppress = suppressed_token(pad_id, eos)
-        logp = response_logprobs(model, full, full_mask, start, options.temperature, suppress)
-        ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature, suppress)
-        out.kl_to_sft += ((logp - ref_logp) * response_mask).sum(-1).tolist()
+        if is_reference:
+            out.kl_to_sft += [0.0] * len(chunk)
+        else:
+            start, suppress = ids.shape[1], suppressed_token(pad_id, eos)
+            logp = response_logprobs(model, full, full_mask, start, options.temperature, suppress)
+            ref_logp = response_logprobs(reference, full, full_mask, start, options.temperature, suppress)
+            out.kl_to_sft += ((logp - ref_logp) * response_mask).sum(-1).tolist()
         for i, (row, row_mask) in enumerate(zip(responses, response_mask)):
             text, done, length = decode_response(tokenizer, row, row_mask)
             out.texts.append(text)
@@ -203,7 +206,7 @@ def evaluate(
     with inference_autocast(precision=precision):
         samples = {
             name: _sample_policy(
-                name, path, rendered, options, tokenizer, rm, reference, annotator, prompt_texts, dtype
+                name, path, rendered, options, tokenizer, rm, reference, sft, annotator, prompt_texts, dtype
             )
             for name, path in policies.items()
         }

@@ -110,10 +110,26 @@ def response_logprobs(
     start: int,
     temperature: float = 1.0,
     suppress: int | None = None,
+    fp32_head: bool = False,
+    max_logits: int = 2**25,
 ) -> Tensor:
-    """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``."""
-    logits = response_logits(model, input_ids, attention_mask, start)
-    return logprobs_from_logits(logits, input_ids[:, start:], temperature, suppress)
+    """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``.
+
+    The backbone runs once; the LM head and the log-softmax run over groups of rows holding at most
+    ``max_logits`` vocabulary entries (128 MiB in fp32 by default), so without gradients memory stays
+    flat however large the batch: 128 responses of 64 tokens over a 49k vocabulary would otherwise
+    materialise 1.6 GB of logits and as much again for the softmax.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
+    tokens = input_ids[:, start:]
+    per_row = max(1, tokens.shape[1] * lm_head(model).out_features)
+    rows = max(1, max_logits // per_row) if not torch.is_grad_enabled() else tokens.shape[0]
+    return torch.cat(
+        [
+            logprobs_from_logits(head_logits(model, h, fp32_head), t, temperature, suppress)
+            for h, t in zip(hidden.split(rows), tokens.split(rows))
+        ]
+    )
 
 
 def suppressed_token(pad_token_id: int, eos_token_id: int) -> int | None:

@@ -39,6 +39,7 @@ from rlhf_lightning.lm import (
     last_token_index,
     logprobs_from_logits,
     response_logits,
+    response_logprobs,
     sample,
     sequence_scores,
     suppressed_token,
@@ -744,7 +745,7 @@ class PPOModule(LightningModule):
     def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         start = max(1, int(batch["prompt_lengths"].min()))  # the LM head runs from the first response token
-        logprobs = logprobs_from_logits(response_logits(model, ids, mask, start), ids[:, start:])  # T = 1
+        logprobs = response_logprobs(model, ids, mask, start)  # T = 1, in row groups: memory stays flat
         positions = torch.arange(start, ids.shape[1], device=ids.device)
         in_response = (positions[None, :] >= batch["prompt_lengths"][:, None]) & mask[:, start:].bool()
         return (logprobs * in_response).sum(-1)
