@@ -13,11 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf_lightning.cli import run_stage
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
 from rlhf_lightning.pipeline import write_stage_config
 from rlhf_lightning.report import finish_figure
+from rlhf_lightning.stages import run_stage
 
 
 def plot(results: list[dict], path: Path) -> None:

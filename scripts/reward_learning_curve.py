@@ -16,13 +16,13 @@ import itertools
 import json
 from pathlib import Path
 
-from rlhf_lightning.cli import run_stage
 from rlhf_lightning.data.sources import BUNDLED_DIR
 from rlhf_lightning.evaluation import reward_model_accuracy
 from rlhf_lightning.models import load_reward_model, load_tokenizer
 from rlhf_lightning.pipeline import write_stage_config
 from rlhf_lightning.precision import inference_autocast
 from rlhf_lightning.report import finish_figure, read_scalars
+from rlhf_lightning.stages import run_stage
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -75,3 +75,34 @@ def test_a_stopped_pipeline_says_so_and_exits_non_zero(tmp_path, monkeypatch, ca
     assert "the sft stage was stopped by SIGTERM" in err
     assert "To resume, run the same command" in err
     assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_a_ppo_variant_starts_from_another_runs_exports(run_dir, tmp_path):
+    """--start_from: the SFT and reward exports of a finished run, a new PPO stage (here on the annotator's
+    gold reward) and a new evaluation, in one command."""
+    import yaml
+
+    variant = tmp_path / "gold"
+    reward_function = "--model.init_args.reward_function.class_path=rlhf_lightning.rewards.AnnotatorReward"
+    args = ["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(variant), "--start_from", str(run_dir)]
+    assert main([*args, "--judge_base", "false", "--ppo_overrides", json.dumps([reward_function])]) == 0
+    assert not (variant / "sft").exists() and not (variant / "reward").exists()
+    ppo = yaml.safe_load((variant / "ppo" / "config.yaml").read_text())["model"]["init_args"]
+    assert ppo["policy"] == str(run_dir / "sft" / "export")
+    figures = json.loads((variant / "evaluation.json").read_text())
+    assert set(figures["policies"]) == {"ppo", "sft"}
+    AutoModelForCausalLM.from_pretrained(variant / "ppo" / "export")
+
+
+def test_start_from_a_run_without_exports_is_a_clear_error(tmp_path, capsys):
+    args = [
+        "pipeline",
+        "-c",
+        str(TINY_PIPELINE),
+        "--run_dir",
+        str(tmp_path / "b"),
+        "--start_from",
+        str(tmp_path),
+    ]
+    assert main(args) == 2
+    assert f"start_from: {tmp_path / 'sft' / 'export'} is not a finished export" in capsys.readouterr().err

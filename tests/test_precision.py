@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning import precision
-from rlhf_lightning.cli import run_stage
+from rlhf_lightning.stages import run_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,7 @@
     rlhf-lightning pipeline -c configs/pipeline.yaml
     rlhf-lightning evaluate --policy runs/ppo/export ...
 
-Each stage takes any subclass of its module and DataModule (``model.class_path``), so an experiment
-can swap one component from the YAML. The DataModule's tokenizer is linked to the module's model.
+The stages' LightningCLIs live in ``stages.py``; the pipeline and the evaluation in their own modules.
 """
 
 from __future__ import annotations
@@ -16,12 +15,9 @@ import logging
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
 from rlhf_lightning.errors import InputError, StageStopped
+from rlhf_lightning.stages import STAGES, run_stage
 
-STAGES = ("sft", "reward", "ppo")
 USAGE = """usage: rlhf-lightning {sft,reward,ppo} {fit,validate} -c CONFIG [--key value ...]
        rlhf-lightning pipeline -c configs/pipeline.yaml
        rlhf-lightning evaluate --help
@@ -33,98 +29,6 @@ Stages of the RLHF recipe (each a LightningCLI; try `rlhf-lightning sft fit --he
   pipeline  all three stages, then the evaluation, from one config
   evaluate  win rates, reward-model accuracy, KL and gold-vs-proxy reward of trained policies
 """
-
-
-class StageCLI(LightningCLI):
-    """LightningCLI that feeds the module's model name to the DataModule's tokenizer, picks the precision
-    for the machine when the config does not set ``trainer.precision``, and turns a stop by SIGTERM or
-    Ctrl-C into :class:`StageStopped`."""
-
-    model_key = "model"
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments(f"model.init_args.{self.model_key}", "data.init_args.tokenizer")
-        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
-
-    def before_instantiate_classes(self) -> None:
-        from rlhf_lightning.precision import auto_precision
-
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.precision is None:
-            config.trainer.precision, reason = auto_precision()
-            rank_zero_info(f"precision: {config.trainer.precision} (chosen for this machine: {reason})")
-        else:
-            rank_zero_info(f"precision: {config.trainer.precision} (set by trainer.precision)")
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        from lightning.pytorch.trainer.states import TrainerStatus
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        try:
-            super()._run_subcommand(subcommand)
-        except SIGTERMException as stop:
-            raise StageStopped(self._stage, "SIGTERM", self._saved_checkpoint()) from stop
-        except SystemExit as stop:  # Lightning ends a Ctrl-C with sys.exit(1)
-            if self.trainer.state.status != TrainerStatus.INTERRUPTED:
-                raise
-            raise StageStopped(self._stage, "SIGINT", self._saved_checkpoint()) from stop
-
-    @property
-    def _stage(self) -> str:
-        return self.parser.prog.rsplit(" ", 1)[-1]
-
-    def _saved_checkpoint(self) -> str | None:
-        return next((c.saved for c in self.trainer.callbacks if getattr(c, "saved", None)), None)
-
-
-class PPOCLI(StageCLI):
-    """The PPO stage: the tokenizer follows the policy, and every iteration is logged by default."""
-
-    model_key = "policy"
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("trainer_defaults", {"log_every_n_steps": 1})
-        super().__init__(*args, **kwargs)
-
-
-def stage_classes(stage: str):
-    """The (module, datamodule, CLI class) of a stage."""
-    if stage == "sft":
-        from rlhf_lightning.data.sft import SFTDataModule
-        from rlhf_lightning.modules.sft import SFTModule
-
-        return SFTModule, SFTDataModule, StageCLI
-    if stage == "reward":
-        from rlhf_lightning.data.preference import PreferenceDataModule
-        from rlhf_lightning.modules.reward import RewardModule
-
-        return RewardModule, PreferenceDataModule, StageCLI
-    if stage == "ppo":
-        from rlhf_lightning.data.prompts import PromptDataModule
-        from rlhf_lightning.modules.ppo import PPOModule
-
-        return PPOModule, PromptDataModule, PPOCLI
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-
-
-def run_stage(stage: str, args: list[str], run: bool = True) -> LightningCLI:
-    """Run ``rlhf-lightning <stage> <args>`` in this process; returns the CLI object."""
-    module, datamodule, cli_class = stage_classes(stage)
-    with warnings.catch_warnings():
-        # Lightning warns when `args` is given while sys.argv holds arguments too (ours, or pytest's);
-        # `args` is what counts. sys.argv itself stays untouched: DDP's launcher re-runs it on each rank.
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        return cli_class(
-            module,
-            datamodule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            run=run,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": f"rlhf-lightning {stage}", "default_env": False},
-            auto_configure_optimizers=False,
-        )
 
 
 # Library messages a user of this command cannot act on: Lightning's advertisements, the model summary's
@@ -169,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(command, rest)
             return 0
         if command == "pipeline":
-            from rlhf_lightning.pipeline import main as pipeline_main
+            from rlhf_lightning.pipeline import main as pipeline_main  # lazily: a stage needs none of it
 
             return pipeline_main(rest)
         if command == "evaluate":

@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf_lightning.errors import ModelLoadError
+from rlhf_lightning.errors import ConfigurationError, ModelLoadError
 
 BUNDLED_PREFIX = "bundled:"
 TINY_PREFIX = "tiny:"
@@ -400,6 +400,24 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions, task: str) -> nn.Mo
         task_type=task,
     )
     return get_peft_model(model, config)
+
+
+def prepare_for_training(
+    model: PreTrainedModel,
+    task: str,
+    lora: LoraOptions | None = None,
+    top_layers: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """Apply a stage's training options to ``model``: which weights train (every one, the top
+    ``top_layers`` blocks, or LoRA adapters for ``task``) and gradient checkpointing."""
+    if top_layers is not None:
+        if lora is not None:
+            raise ConfigurationError("model.train_top_layers and model.lora exclude each other: pick one")
+        train_top_layers(model, top_layers)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model if lora is None else apply_lora(model, lora, task)
 
 
 def save_hf(

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from rlhf_lightning.cli import run_stage
+from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
+from rlhf_lightning.stages import run_stage
 
 
 def release_memory() -> None:
@@ -91,6 +92,7 @@ def run_pipeline(
     evaluation: EvaluationOptions | None = None,
     annotator_temperature: float | None = None,
     judge_base: bool = True,
+    start_from: str | None = None,
 ) -> dict:
     """Run the whole recipe; returns the evaluation report.
 
@@ -107,12 +109,20 @@ def run_pipeline(
         evaluation: How the held-out evaluation samples and judges.
         annotator_temperature: Label-noise temperature of the annotator (``None``: the calibrated value
             in the bundled demo data's manifest).
+        start_from: A finished run's folder whose SFT and reward exports this run uses instead of
+            training its own: its PPO stage and evaluation run anew, so PPO variants (another config, a
+            reward function) compare from the same starting point.
         judge_base: Also sample and judge the base model in the evaluation (``ppo_vs_base``): one more
             policy to sample, about a third more evaluation time.
     """
     run = Path(run_dir)
     tb = run / "tb"
     exports = {stage: run / stage / "export" for stage in ("sft", "reward", "ppo")}
+    if start_from is not None:
+        for stage in ("sft", "reward"):
+            exports[stage] = Path(start_from) / stage / "export"
+            if not _done(exports[stage]):
+                raise ConfigurationError(f"start_from: {exports[stage]} is not a finished export")
     timings_file = run / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     run.mkdir(parents=True, exist_ok=True)

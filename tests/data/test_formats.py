@@ -254,3 +254,58 @@ def test_prompt_row_errors():
         to_prompt_row({"messages": [ASSISTANT]}, WHERE)
     with pytest.raises(DataFormatError, match=rf"^{LOC}: no prompt found \(has \['text'\]\)"):
         to_prompt_row({"text": "no transcript here"}, WHERE)
+
+
+# -- orderings that must not be misread --------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["ranking", "rank", "order", "ratings", "rankings", "Ranking", "Ranks"])
+def test_an_ordering_field_this_reader_does_not_apply_is_an_error(field):
+    """A K-way row whose order lives in an unknown field would otherwise train the worst answer as the best."""
+    record = {"prompt": "p", "responses": ["bad", "ok", "best"], field: [2, 1, 0]}
+    with pytest.raises(
+        DataFormatError, match=rf"^{LOC}: field '{field}' orders or rates the responses.*'ranks'"
+    ):
+        to_preference_row(record, WHERE)
+
+
+@pytest.mark.parametrize("field", ["scores", "ratings", "preference"])
+def test_an_ordering_field_beside_chosen_and_rejected_is_an_error(field):
+    record = {"prompt": "p", "chosen": "a", "rejected": "b", field: [1, 2]}
+    with pytest.raises(DataFormatError, match=rf"^{LOC}: field '{field}'.*already order the pair"):
+        to_preference_row(record, WHERE)
+
+
+def test_per_response_scores_order_best_first_and_ties_form_tiers():
+    row = to_preference_row(
+        {"prompt": "p", "responses": ["b", "a", "c", "d"], "scores": [7, 9.5, 7, 1]}, WHERE
+    )
+    assert row.responses == ["a", "b", "c", "d"]
+    assert row.tiers == [0, 1, 1, 2]  # "b" and "c" tie: no comparison between them
+    strict = to_preference_row({"prompt": "p", "responses": ["c", "a", "b"], "scores": [0.1, 3, 2]}, WHERE)
+    assert strict == to_preference_row({"prompt": "p", "responses": ["a", "b", "c"]}, WHERE)
+    finished = to_preference_row(
+        {"prompt": "p", "responses": ["x", "y"], "scores": [1, 2], "finished": [True, False]}, WHERE
+    )
+    assert (finished.responses, finished.finished) == (["y", "x"], [False, True])
+
+
+@pytest.mark.parametrize(
+    "scores, pattern",
+    [
+        ([1, 2, 3], "must be a list of 2 numbers"),
+        ([1, True], "must be a list of 2 numbers"),
+        ("12", "must be a list of 2 numbers"),
+        ([1, float("nan")], "finite numbers"),
+    ],
+)
+def test_bad_scores_name_row_and_field(scores, pattern):
+    with pytest.raises(DataFormatError, match=rf"^{LOC}: .*{pattern}"):
+        to_preference_row({"prompt": "p", "responses": ["x", "y"], "scores": scores}, WHERE)
+
+
+def test_ranks_and_scores_together_are_an_error_and_all_tied_scores_skip():
+    with pytest.raises(DataFormatError, match=rf"^{LOC}: fields 'ranks' and 'scores'"):
+        to_preference_row({"prompt": "p", "responses": ["x", "y"], "ranks": [1, 2], "scores": [2, 1]}, WHERE)
+    with pytest.raises(SkipRow, match="same score"):
+        to_preference_row({"prompt": "p", "responses": ["x", "y"], "scores": [4, 4]}, WHERE)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lightning.data.formats import PreferenceRow, SkipRow
+from rlhf_lightning.data.formats import PreferenceRow, SkipRow, to_preference_row
 from rlhf_lightning.data.preference import PreferenceDataModule, collate_preferences, preference_example
 from rlhf_lightning.data.render import encode_pair
+from rlhf_lightning.errors import DataFormatError
 
 USER = [{"role": "user", "content": "Name a fruit"}]
 
@@ -102,3 +103,38 @@ def test_datamodule_counts_both_kinds_of_skip(write_jsonl):
     batches = list(dm.train_dataloader())
     assert len(batches) == 1
     assert batches[0]["input_ids"].shape[0] == 5 and batches[0]["pairs"].shape == (4, 2)
+
+
+def test_tied_scores_give_no_comparison(module):
+    """Scores [9, 7, 7, 1]: the two 7s are not compared, every other pair is (5 of the 6)."""
+    row = to_preference_row({"prompt": USER, "responses": ["b", "a", "c", "d"], "scores": [7, 9, 7, 1]}, "t")
+    batch = module.collate([module.encode(row)])
+    assert batch["pairs"].tolist() == [[0, 1], [0, 2], [0, 3], [1, 3], [2, 3]]
+    assert batch["groups"].tolist() == [0] * 5
+
+
+def test_ignored_columns_are_named_once_and_kept_rows_load(write_jsonl):
+    rows = [
+        {"prompt": "p", "chosen": "good", "rejected": "bad", "id": 1, "source": "web"},
+        {"prompt": "q", "responses": ["one", "two"], "scores": [1, 2], "id": 2},
+    ]
+    dm = PreferenceDataModule(
+        train=str(write_jsonl(rows)), tokenizer="tiny:llama", max_length=64, batch_size=8
+    )
+    with pytest.warns(
+        UserWarning, match=r"ignored column\(s\) 'id', 'source' \(a preference row is read from"
+    ) as record:
+        dm.setup("fit")
+    assert sum("ignored column" in str(w.message) for w in record) == 1
+    assert len(dm.train_data) == 2
+
+
+def test_a_misread_ranking_fails_at_setup_naming_file_row_and_field(write_jsonl):
+    rows = [
+        {"prompt": "p", "chosen": "good", "rejected": "bad"},
+        {"prompt": "q", "responses": ["bad", "ok", "best"], "ranking": [2, 1, 0]},
+    ]
+    path = write_jsonl(rows)
+    dm = PreferenceDataModule(train=str(path), tokenizer="tiny:llama", max_length=64, batch_size=8)
+    with pytest.raises(DataFormatError, match=rf"{path.name} row 2: field 'ranking'"):
+        dm.setup("fit")

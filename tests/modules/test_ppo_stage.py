@@ -12,8 +12,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rlhf_lightning.data.prompts import PromptDataModule
+from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.models import load_causal_lm, load_reward_model, tiny_tokenizer
 from rlhf_lightning.modules.ppo import NonFiniteError, PPOModule
+from rlhf_lightning.rewards import RewardFunction
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_PPO_CONFIG = REPO_ROOT / "configs" / "tiny" / "ppo.yaml"
@@ -76,7 +78,7 @@ def exports(tmp_path_factory):
 class TokenRewardPPO(PPOModule):
     """A reward that prefers one token: the fraction of response tokens equal to TARGET."""
 
-    def score(self, input_ids, attention_mask, responses):
+    def score(self, input_ids, attention_mask, responses, response_mask, prompt_texts=None):
         target = self.tokenizer.convert_tokens_to_ids(TARGET)
         valid = responses != self.tokenizer.pad_token_id
         scores = ((responses == target) & valid).float().sum(-1) / valid.sum(-1).clamp(min=1)
@@ -284,8 +286,8 @@ class NaNRewardPPO(PPOModule):
 
     nan_iterations: set[int] | None = {2}
 
-    def score(self, input_ids, attention_mask, responses):
-        raw, scores = super().score(input_ids, attention_mask, responses)
+    def score(self, input_ids, attention_mask, responses, response_mask, prompt_texts=None):
+        raw, scores = super().score(input_ids, attention_mask, responses, response_mask, prompt_texts)
         if self.nan_iterations is None or self.rollouts + 1 in self.nan_iterations:
             scores = torch.full_like(scores, float("nan"))
         return raw, scores
@@ -360,3 +362,78 @@ def test_model_seed_may_differ_from_data_seed(exports, tmp_path):
     module = _module(exports, rollout_seed=1)
     _trainer(tmp_path, limit_train_batches=1).fit(module, _data(exports, seed=0))
     assert module.rollouts == 1
+
+
+# -- reward functions: a Python object scores the texts instead of a reward model -------------------
+class TargetWordReward(RewardFunction):
+    """1 per occurrence of TARGET in the response text; records what it was called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, responses, finished):
+        self.calls.append((list(prompts), list(responses), list(finished)))
+        return [float(r.count(TARGET)) for r in responses]
+
+
+def test_reward_function_scores_the_decoded_texts_and_no_reward_model_is_loaded(exports):
+    function = TargetWordReward()
+    module = _module(exports, reward_function=function, missing_eos_penalty=2.0)
+    assert module.reward_model is None
+    tok = module.tokenizer
+    responses = torch.tensor(
+        [tok.encode("a ba", add_special_tokens=False) + [tok.eos_token_id], [tok.pad_token_id] * 5]
+    )
+    responses[1, :3] = torch.tensor(tok.encode("xyz", add_special_tokens=False))
+    mask = responses != tok.pad_token_id
+    raw, scores = module.score(None, None, responses, mask, ["p1", "p2"])
+    assert function.calls == [(["p1", "p2"], ["a ba", "xyz"], [True, False])]
+    assert raw.tolist() == [2.0, 0.0]
+    assert scores.tolist() == [2.0, -2.0]  # the second never emitted EOS
+
+
+def test_reward_function_that_returns_the_wrong_count_is_a_clear_error(exports):
+    class Short(RewardFunction):
+        def __call__(self, prompts, responses, finished):
+            return [0.0]
+
+    module = _module(exports, reward_function=Short())
+    responses = torch.tensor([[5, 6], [7, 8]])
+    with pytest.raises(ConfigurationError, match=r"returned \(1,\) scores for 2 responses"):
+        module.score(None, None, responses, torch.ones_like(responses, dtype=torch.bool), ["a", "b"])
+
+
+def test_reward_function_from_the_cli_trains_and_the_annotator_reward_parses(
+    exports, tmp_path, write_jsonl, capsys
+):
+    from rlhf_lightning.cli import main
+
+    prompts = write_jsonl([{"prompt": f"{w} please"} for w in WORDS], "prompts.jsonl")
+    common = [
+        "ppo",
+        "fit",
+        "-c",
+        str(TINY_PPO_CONFIG),
+        f"--model.init_args.policy={exports['policy']}",
+        f"--model.init_args.reward_model={exports['reward']}",
+        "--model.init_args.max_new_tokens=6",
+        "--model.init_args.ppo_epochs=1",
+        "--model.init_args.export_dir=null",
+        f"--data.init_args.train={prompts}",
+        f"--data.init_args.val={exports['prefs']}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1",
+        "--trainer.callbacks=[]",
+    ]
+    reward = ["--model.init_args.reward_function.class_path=rlhf_lightning.rewards.AnnotatorReward"]
+    assert main([*common, *reward, "--model.init_args.reward_function.init_args.mean=3.6"]) == 0
+
+    # An object that does not score texts is refused in one line, before anything loads.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--model.init_args.reward_function.class_path=collections.Counter"])
+    assert exit_info.value.code == 2
+    assert "reward_function" in capsys.readouterr().err

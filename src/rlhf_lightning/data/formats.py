@@ -7,9 +7,13 @@ Formats are named the way TRL users know them:
   (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, in ``text``).
 * Preferences: explicit ``prompt``/``chosen``/``rejected``; implicit-prompt ``chosen``/``rejected``
   (HH transcripts or message lists, split at the last assistant turn); an optional ``margin``; and
-  K-way rankings, ``prompt`` + ``responses`` (best first, or ordered by ``ranks`` where 1 is best),
-  with an optional ``finished`` list marking responses that ran out of tokens before their end (they
-  are encoded without EOS, as a truncated PPO response is).
+  K-way rankings, ``prompt`` + ``responses`` (best first, or ordered by ``ranks`` where 1 is best, or
+  rated by ``scores`` where higher is better and tied scores give no comparison), with an optional
+  ``finished`` list marking responses that ran out of tokens before their end (they are encoded
+  without EOS, as a truncated PPO response is). Any other field that orders or rates the responses
+  (``ranking``, ``rank``, ``order``, ``ratings``, ... see ``ORDERING_FIELDS``) is an error, since
+  reading past it would train on an order the data did not mean; other extra columns are metadata,
+  named once in a warning by :func:`~rlhf_lightning.data.sources.read_rows`.
 * Prompts: any of the above, keeping only the prompt.
 
 A prompt is either a string (used verbatim) or a list of ``{"role", "content"}`` messages (rendered
@@ -31,8 +35,21 @@ Prompt = str | list[Message]
 
 SFT_FORMATS = "prompt/completion, messages, text (plain or Anthropic-HH transcript)"
 PREFERENCE_FORMATS = (
-    "prompt/chosen/rejected, chosen/rejected (implicit prompt), prompt/responses[/ranks] (K-way ranking)"
+    "prompt/chosen/rejected, chosen/rejected (implicit prompt), "
+    "prompt/responses[/ranks or /scores] (K-way ranking or ratings)"
 )
+SFT_FIELDS = frozenset({"prompt", "completion", "messages", "text"})
+PREFERENCE_FIELDS = frozenset(
+    {"prompt", "chosen", "rejected", "margin", "responses", "ranks", "scores", "finished"}
+)
+# Fields that order or rate responses in conventions this reader does not apply (0- or 1-based, best or
+# worst first, a permutation or its inverse, higher or lower is better): an error, never ignored.
+ORDERING_FIELDS = frozenset(
+    {
+        "ranking", "rankings", "rank", "order", "ordering", "orders", "score", "rating", "ratings",
+        "reward", "rewards", "preference", "preferences", "preferred", "winner", "best",
+    }
+)  # fmt: skip
 PROMPT_FORMATS = "prompt, messages, text (HH transcript), or any SFT/preference format"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -58,12 +75,15 @@ class PreferenceRow:
     """One prompt and K >= 2 responses ranked best first; ``margin`` applies to pairwise rows.
 
     ``finished[i]`` is false for a response that was cut off before its end (encoded without EOS).
+    ``tiers[i]`` (non-decreasing, 0 = best) groups tied responses: two responses of one tier are not
+    compared. ``None``: every response has its own tier (a strict ranking).
     """
 
     prompt: Prompt
     responses: list[str]
     margin: float | None = None
     finished: list[bool] | None = None
+    tiers: list[int] | None = None
 
 
 @dataclass
@@ -207,8 +227,43 @@ def _implicit(record: dict, where: str) -> tuple[Prompt, str, str]:
     return prompt, chosen_text, rejected_text
 
 
-def _ranked(record: dict, where: str) -> tuple[list[str], list[bool] | None]:
-    """Responses best first, and their ``finished`` flags (if given) in the same order."""
+def _scores(record: dict, n: int, where: str) -> list[float]:
+    scores = record["scores"]
+    if (
+        not isinstance(scores, list)
+        or len(scores) != n
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)
+    ):
+        raise _fail(
+            where, f"field 'scores' must be a list of {n} numbers (higher is better), one per response"
+        )
+    if any(x != x or x in (float("inf"), float("-inf")) for x in scores):
+        raise _fail(where, f"field 'scores' must hold finite numbers, got {scores}")
+    return [float(x) for x in scores]
+
+
+def _check_ordering_fields(record: dict, where: str) -> None:
+    """Refuse a field that orders or rates the responses in a convention this reader does not apply."""
+    unknown = sorted(
+        f for f in record if f not in PREFERENCE_FIELDS and f.lower() in ORDERING_FIELDS | {"ranks", "scores"}
+    )
+    if "scores" in record and "responses" not in record:
+        unknown.append("scores")
+    if unknown:
+        fix = (
+            "rename it to 'ranks' (a list, 1 = best) or 'scores' (a list, higher is better), or list "
+            "'responses' best first and drop it"
+            if "responses" in record
+            else "'chosen'/'rejected' already order the pair: drop it (a strength of preference goes in 'margin')"
+        )
+        raise _fail(
+            where,
+            f"field {unknown[0]!r} orders or rates the responses in a convention this reader does not apply; {fix}",
+        )
+
+
+def _ranked(record: dict, where: str) -> tuple[list[str], list[bool] | None, list[int] | None]:
+    """Responses best first, their ``finished`` flags (if given) and tie tiers (with ``scores``)."""
     responses = record["responses"]
     if not isinstance(responses, list):
         raise _fail(where, f"field 'responses' must be a list, got {type(responses).__name__}")
@@ -222,9 +277,23 @@ def _ranked(record: dict, where: str) -> tuple[list[str], list[bool] | None]:
         or not all(isinstance(f, bool) for f in finished)
     ):
         raise _fail(where, f"field 'finished' must be a list of {len(texts)} booleans, one per response")
+    if "ranks" in record and "scores" in record:
+        raise _fail(where, "fields 'ranks' and 'scores' both order the responses; keep one")
+    if "scores" in record:
+        scores = _scores(record, len(texts), where)
+        if len(set(scores)) == 1:
+            raise SkipRow("every response has the same score")
+        order = sorted(range(len(texts)), key=lambda i: -scores[i])
+        distinct = sorted(set(scores), reverse=True)
+        tiers = [distinct.index(scores[i]) for i in order]
+        return (
+            [texts[i] for i in order],
+            None if finished is None else [finished[i] for i in order],
+            tiers if len(distinct) < len(texts) else None,
+        )
     ranks = record.get("ranks")
     if ranks is None:
-        return texts, finished
+        return texts, finished, None
     if not isinstance(ranks, list) or len(ranks) != len(texts):
         raise _fail(
             where, f"field 'ranks' must be a list of {len(texts)} integers (1 = best), one per response"
@@ -234,17 +303,19 @@ def _ranked(record: dict, where: str) -> tuple[list[str], list[bool] | None]:
     if len(set(ranks)) != len(ranks):
         raise _fail(where, f"field 'ranks' has ties {ranks}; a ranking must order every response strictly")
     order = sorted(range(len(texts)), key=lambda i: ranks[i])
-    return [texts[i] for i in order], None if finished is None else [finished[i] for i in order]
+    return [texts[i] for i in order], None if finished is None else [finished[i] for i in order], None
 
 
 def to_preference_row(record: Any, where: str) -> PreferenceRow:
     """Read one comparison or ranking in any preference format."""
     record = _check_fields(record, where)
+    _check_ordering_fields(record, where)
+    tiers = None
     if "responses" in record:
         if "prompt" not in record:
             raise _fail(where, "a ranking ('responses') needs a 'prompt' field")
         prompt = _prompt(record, "prompt", where)
-        responses, finished = _ranked(record, where)
+        responses, finished, tiers = _ranked(record, where)
     elif "chosen" in record and "rejected" in record:
         finished = None
         if "prompt" in record:
@@ -263,7 +334,13 @@ def to_preference_row(record: Any, where: str) -> PreferenceRow:
         )
     if len({r.strip() for r in responses}) < len(responses):
         raise SkipRow("identical responses")
-    return PreferenceRow(prompt, responses, _margin(record, where), finished)
+    return PreferenceRow(prompt, responses, _margin(record, where), finished, tiers)
+
+
+FIELDS_READ = {
+    to_sft_row: SFT_FIELDS,
+    to_preference_row: PREFERENCE_FIELDS,
+}  # for the ignored-columns warning
 
 
 def to_prompt_row(record: Any, where: str) -> PromptRow:

@@ -17,9 +17,14 @@ from rlhf_lightning.rl.ranking import all_pairs
 
 
 def preference_example(
-    prompt_ids: list[int], response_ids: list[list[int]], margin: float | None, max_length: int
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
+    margin: float | None,
+    max_length: int,
+    tiers: list[int] | None = None,
 ) -> dict:
-    """Encoded sequences (prompt + each response, truncated to ``max_length``) of one ranking.
+    """Encoded sequences (prompt + each response, truncated to ``max_length``) of one ranking, best
+    first; responses of one tier (``tiers``, from tied scores) are not compared.
 
     Skipped (and counted): a prompt that leaves no room for a response, and responses that become
     identical once truncated (the comparison would carry no signal).
@@ -35,6 +40,7 @@ def preference_example(
         "response_lengths": [len(r) for r in responses],
         "prompt_length": len(prompt_ids),
         "margin": margin,
+        "tiers": tiers,
     }
 
 
@@ -42,18 +48,21 @@ def encode_preference(tokenizer, row: PreferenceRow, max_length: int) -> dict:
     """:func:`preference_example` of a canonical row: the prompt and each response, encoded once."""
     finished = row.finished or [True] * len(row.responses)
     encoded = [encode_pair(tokenizer, row.prompt, r, f) for r, f in zip(row.responses, finished)]
-    return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, max_length)
+    return preference_example(encoded[0][0], [c for _, c in encoded], row.margin, max_length, row.tiers)
 
 
 def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
-    """Flatten the responses of a batch of rankings and index their comparisons."""
+    """Flatten the responses of a batch of rankings and index their comparisons (ties left out)."""
     sequences, lengths, prompt_lengths, pairs, groups, margins = [], [], [], [], [], []
     for g, example in enumerate(examples):
         offset = len(sequences)
         sequences.extend(example["sequences"])
         lengths.extend(example["response_lengths"])
         prompt_lengths.extend([example["prompt_length"]] * len(example["sequences"]))
+        tiers = example.get("tiers")
         for winner, loser in all_pairs(len(example["sequences"])):
+            if tiers is not None and tiers[winner] == tiers[loser]:
+                continue  # tied scores: no comparison
             pairs.append((offset + winner, offset + loser))
             groups.append(g)
             margins.append(example["margin"] or 0.0)

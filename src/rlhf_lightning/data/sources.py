@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rlhf_lightning.data.formats import SkipRow
+from lightning.pytorch.utilities import rank_zero_warn
+
+from rlhf_lightning.data.formats import FIELDS_READ, SkipRow
 from rlhf_lightning.errors import DataFormatError, DataSourceError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -161,14 +163,27 @@ def read_records(source: str, split: str = "train") -> list[tuple[Any, str]]:
 def read_rows(
     source: str, parse: Callable[[Any, str], Row], split: str = "train"
 ) -> tuple[list[Row], dict[str, int]]:
-    """Parse every record of ``source``; returns the rows and the count of skipped rows by reason."""
+    """Parse every record of ``source``; returns the rows and the count of skipped rows by reason.
+
+    Columns the parser does not read (metadata such as ``id`` or ``source``) are named once, in one
+    warning per source.
+    """
     rows: list[Row] = []
     skipped: dict[str, int] = {}
+    reads = FIELDS_READ.get(parse)
+    ignored: set[str] = set()
     for record, where in read_records(source, split):
+        if reads is not None and isinstance(record, dict):
+            ignored.update(k for k in record if k not in reads)
         try:
             rows.append(parse(record, where))
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+    if ignored:
+        rank_zero_warn(
+            f"{source}: ignored column(s) {', '.join(sorted(map(repr, ignored)))} "
+            f"(a {parse.__name__.removeprefix('to_').removesuffix('_row')} row is read from: {', '.join(sorted(reads))})"
+        )
     if not rows:
         raise DataFormatError(f"{source}: every row was skipped ({skipped}); nothing to train on")
     return rows, skipped

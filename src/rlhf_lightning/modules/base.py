@@ -10,9 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from rlhf_lightning.errors import ConfigurationError
-from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, apply_lora, load_tokenizer, save_hf
-from rlhf_lightning.models import train_top_layers as train_top_layers_of
+from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, load_tokenizer, prepare_for_training, save_hf
 from rlhf_lightning.schedules import deferred_schedule
 
 
@@ -80,16 +78,12 @@ class FinetuneModule(LightningModule):
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = asdict(lora) if lora else None  # a dict: checkpoints load with weights_only
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self.model = self.build_model().train()
-        if train_top_layers is not None:
-            if lora is not None:
-                raise ConfigurationError("model.train_top_layers and model.lora exclude each other: pick one")
-            train_top_layers_of(self.model, train_top_layers)
+        model = self.build_model().train()
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
-        if lora is not None:
-            self.model = apply_lora(self.model, lora, self.lora_task)
+            model.config.use_cache = False  # no cache to keep while activations are recomputed
+        self.model = prepare_for_training(
+            model, self.lora_task, lora, train_top_layers, gradient_checkpointing
+        )
         self.nonfinite_steps = 0
 
     def build_model(self) -> nn.Module:

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.data.render import decode_response
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
     entropy_from_logits,
@@ -46,18 +47,18 @@ from rlhf_lightning.lm import (
 )
 from rlhf_lightning.models import (
     LoraOptions,
-    apply_lora,
     backbone,
     linear_weights_to,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    prepare_for_training,
     save_hf,
     score_head,
 )
-from rlhf_lightning.models import train_top_layers as train_top_layers_of
 from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.reward import STATS_FILE
+from rlhf_lightning.rewards import RewardFunction
 from rlhf_lightning.rl.gae import gae
 from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_lightning.rl.losses import masked_mean, policy_loss, value_loss
@@ -111,6 +112,9 @@ class PPOModule(LightningModule):
     Args:
         policy: The model to optimise, initialised from the SFT export (any causal LM name works).
         reward_model: The frozen reward model: the reward stage's export.
+        reward_function: Score responses with this Python object (a
+            :class:`~rlhf_lightning.rewards.RewardFunction`, by ``class_path``) instead of the reward model,
+            which is then not loaded; the critic still starts from ``critic``, else from ``reward_model``.
         reference: The frozen KL anchor. ``None``: the policy's starting weights (the disabled LoRA
             adapter when ``lora`` is set, else a frozen copy).
         critic: Initial value model. ``None``: the reward model (Huang et al. 2024).
@@ -157,6 +161,7 @@ class PPOModule(LightningModule):
         self,
         policy: str = "runs/sft/export",
         reward_model: str = "runs/reward/export",
+        reward_function: RewardFunction | None = None,
         reference: str | None = None,
         critic: str | None = None,
         share_critic_backbone: bool = False,
@@ -201,27 +206,34 @@ class PPOModule(LightningModule):
             raise ConfigurationError(
                 "model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout"
             )
-        self.save_hyperparameters(ignore=["lora"])
+        # the reward function is an object (its class_path is in the run's config.yaml): checkpoints
+        # hold plain values only, so they load with weights_only
+        self.save_hyperparameters(ignore=["lora", "reward_function"])
         self.hparams["lora"] = asdict(lora) if lora else None
         self.automatic_optimization = False
 
         self.tokenizer = load_tokenizer(policy, trust_remote_code)
-        self.policy = load_causal_lm(policy, trust_remote_code)
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = prepare_for_training(
+            load_causal_lm(policy, trust_remote_code),
+            "CAUSAL_LM",
+            lora,
+            train_top_layers,
+            gradient_checkpointing,
+        )
         self.reference = None
-        if train_top_layers is not None:
-            if lora is not None:
-                raise ConfigurationError("model.train_top_layers and model.lora exclude each other: pick one")
-            train_top_layers_of(self.policy, train_top_layers)
-        if lora is not None:
-            self.policy = apply_lora(self.policy, lora, "CAUSAL_LM")
         if reference is not None or lora is None:
             self.reference = _freeze(load_causal_lm(reference or policy, trust_remote_code))
         pad = self.tokenizer.pad_token_id
-        self.reward_model = _freeze(load_reward_model(reward_model, trust_remote_code, pad_token_id=pad))
+        if reward_function is not None and not callable(reward_function):
+            raise ConfigurationError(
+                f"model.reward_function must score texts (a RewardFunction), got {type(reward_function).__name__}"
+            )
+        self.reward_function = reward_function
+        self.reward_model = None
+        if reward_function is None:
+            self.reward_model = _freeze(load_reward_model(reward_model, trust_remote_code, pad_token_id=pad))
         self.reward_stats = read_reward_stats(reward_model) if normalize_reward else None
-        if normalize_reward and self.reward_stats is None:
+        if normalize_reward and self.reward_stats is None and reward_function is None:
             rank_zero_warn(
                 f"model.normalize_reward is on but {reward_model} has no {STATS_FILE}: scores are used raw"
             )
@@ -234,7 +246,9 @@ class PPOModule(LightningModule):
                     "model.critic must be null with share_critic_backbone: the policy is the critic"
                 )
             self.critic = None
-            source_head = score_head(self.reward_model)
+            source_head = score_head(
+                self.reward_model or load_reward_model(reward_model, trust_remote_code, pad_token_id=pad)
+            )
         else:
             critic_model = load_reward_model(critic or reward_model, trust_remote_code, pad_token_id=pad)
             if gradient_checkpointing:
@@ -434,8 +448,18 @@ class PPOModule(LightningModule):
         seed = self.hparams.rollout_seed * 1_000_003 + rank * 7_919 + self.rollouts
         return context, seed
 
-    def score(self, input_ids: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, Tensor]:
-        """The reward model's raw and final (normalised, EOS-penalised) scores of each episode."""
+    def score(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        responses: Tensor,
+        response_mask: Tensor,
+        prompt_texts: list[str] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Raw and final (normalised, EOS-penalised) scores of each episode: from the reward model, or
+        from the reward function on the decoded texts."""
+        if self.reward_function is not None:
+            return self._function_scores(responses, response_mask, prompt_texts)
         raw = sequence_scores(self.reward_model, input_ids, attention_mask).float()
         scores = raw
         if self.reward_stats is not None:
@@ -443,6 +467,30 @@ class PPOModule(LightningModule):
         if self.hparams.missing_eos_penalty is not None:
             has_eos = (responses == self.tokenizer.eos_token_id).any(-1)
             scores = scores - self.hparams.missing_eos_penalty * (~has_eos).float()
+        return raw, scores
+
+    def _function_scores(
+        self, responses: Tensor, response_mask: Tensor, prompt_texts: list[str] | None
+    ) -> tuple[Tensor, Tensor]:
+        if prompt_texts is None:
+            raise ConfigurationError(
+                "model.reward_function needs the prompts' texts: use a DataModule whose batches carry "
+                "'prompt_texts' (PromptDataModule does)"
+            )
+        decoded = [decode_response(self.tokenizer, r, m) for r, m in zip(responses, response_mask)]
+        texts, finished = [d[0] for d in decoded], [d[1] for d in decoded]
+        raw = torch.tensor(self.reward_function(list(prompt_texts), texts, finished), dtype=torch.float)
+        if raw.shape != (len(texts),):
+            raise ConfigurationError(
+                f"model.reward_function returned {tuple(raw.shape)} scores for {len(texts)} responses"
+            )
+        raw = raw.to(responses.device)
+        scores = raw
+        if self.hparams.missing_eos_penalty is not None:
+            scores = (
+                scores
+                - self.hparams.missing_eos_penalty * (~torch.tensor(finished, device=raw.device)).float()
+            )
         return raw, scores
 
     @contextmanager
@@ -496,7 +544,9 @@ class PPOModule(LightningModule):
             ref_logprobs = self.logprobs(
                 response_logits(reference, input_ids, attention_mask, start, fp32_head=True), responses
             )
-        raw_scores, scores = self.score(input_ids, attention_mask, responses)
+        raw_scores, scores = self.score(
+            input_ids, attention_mask, responses, response_mask, batch.get("prompt_texts")
+        )
 
         mask = response_mask
         kl = kl_estimate(logprobs, ref_logprobs, h.kl_estimator) * mask
@@ -735,12 +785,13 @@ class PPOModule(LightningModule):
         whether PPO moved the policy toward the responses people prefer.
         """
         ids, mask, pairs = batch["input_ids"], batch["attention_mask"], batch["pairs"]
-        rewards = sequence_scores(self.reward_model, ids, mask).float()
         implicit = self._sequence_logprob(self.policy, batch)
         with self._reference_model() as reference:
             implicit = implicit - self._sequence_logprob(reference, batch)
-        for name, r in (("reward_model", rewards), ("policy", implicit)):
-            self.val_accuracy[name].update(pair_accuracy(r, pairs))
+        self.val_accuracy["policy"].update(pair_accuracy(implicit, pairs))
+        if self.reward_model is not None:
+            rewards = sequence_scores(self.reward_model, ids, mask).float()
+            self.val_accuracy["reward_model"].update(pair_accuracy(rewards, pairs))
 
     def _sequence_logprob(self, model: nn.Module, batch: dict) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
