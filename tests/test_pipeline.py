@@ -106,3 +106,33 @@ def test_start_from_a_run_without_exports_is_a_clear_error(tmp_path, capsys):
     ]
     assert main(args) == 2
     assert f"start_from: {tmp_path / 'sft' / 'export'} is not a finished export" in capsys.readouterr().err
+
+
+def test_a_finished_stage_leaves_nothing_alive(tmp_path):
+    """The pipeline runs the stages one after another in one process: a finished stage must free its
+    models (jsonargparse's context variable kept the last one alive, gigabytes on the real model)."""
+    import gc
+
+    from lightning.pytorch import LightningModule
+
+    from rlhf_lightning.stages import run_stage
+
+    def modules() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, LightningModule)}
+
+    before = modules()
+    args = [
+        "fit",
+        "-c",
+        str(TINY_PIPELINE.parent / "sft.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'export'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_train_batches=1",
+        "--trainer.max_epochs=1",
+    ]
+    run_stage("sft", args)
+    assert (tmp_path / "export" / "config.json").exists()
+    assert modules() <= before

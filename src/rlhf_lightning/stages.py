@@ -7,6 +7,7 @@ The pipeline runs the stages in-process through :func:`run_stage`; the command l
 
 from __future__ import annotations
 
+import contextvars
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
@@ -90,7 +91,16 @@ def stage_classes(stage: str):
 
 
 def run_stage(stage: str, args: list[str], run: bool = True) -> LightningCLI:
-    """Run ``rlhf-lightning <stage> <args>`` in this process; returns the CLI object."""
+    """Run ``rlhf-lightning <stage> <args>`` in this process; returns the CLI object.
+
+    The stage runs in a copy of the current ``contextvars`` context: jsonargparse leaves its last parser
+    in a context variable, which would keep the finished stage's module, data and trainer (gigabytes)
+    alive while the pipeline's next stage loads.
+    """
+    return contextvars.copy_context().run(_run_stage, stage, args, run)
+
+
+def _run_stage(stage: str, args: list[str], run: bool) -> LightningCLI:
     module, datamodule, cli_class = stage_classes(stage)
     with warnings.catch_warnings():
         # Lightning warns when `args` is given while sys.argv holds arguments too (ours, or pytest's);
