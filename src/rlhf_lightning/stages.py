@@ -20,8 +20,8 @@ STAGES = ("sft", "reward", "ppo")
 
 class StageCLI(LightningCLI):
     """LightningCLI that feeds the module's model name to the DataModule's tokenizer, picks the precision
-    for the machine when the config does not set ``trainer.precision``, and turns a stop by SIGTERM or
-    Ctrl-C into :class:`StageStopped`."""
+    for the machine when the config does not set ``trainer.precision``, writes checkpoints straight to
+    disk, and turns a stop by SIGTERM or Ctrl-C into :class:`StageStopped`."""
 
     model_key = "model"
 
@@ -38,6 +38,18 @@ class StageCLI(LightningCLI):
             rank_zero_info(f"precision: {config.trainer.precision} (chosen for this machine: {reason})")
         else:
             rank_zero_info(f"precision: {config.trainer.precision} (set by trainer.precision)")
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, writing checkpoints straight to disk (:mod:`rlhf_lightning.checkpoint_io`) unless
+        it was given a checkpoint plugin."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from rlhf_lightning.checkpoint_io import StreamingCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = StreamingCheckpointIO()
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning.pytorch.trainer.states import TrainerStatus
