@@ -50,6 +50,10 @@ def test_report_and_plots(run_dir, read_scalars):
     assert 0.0 <= figures["reward_model_accuracy"] <= 1.0
     assert figures["n_samples"] == figures["n_prompts"] == 240  # one sample per held-out prompt
     low, high = figures["win_rate_intervals"]["ppo_vs_sft"]
+    counts = figures["outcomes"]["ppo_vs_sft"]
+    assert sum(counts.values()) == 240
+    assert figures["win_rates"]["ppo_vs_sft"] == pytest.approx((counts["wins"] + counts["ties"] / 2) / 240)
+    assert f"{counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses" in report
     assert low <= figures["win_rates"]["ppo_vs_sft"] <= high
     scalars = read_scalars(run_dir / "tb" / "ppo")
     assert len(scalars["objective/scores"]) == 4

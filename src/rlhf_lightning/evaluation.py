@@ -238,6 +238,12 @@ def evaluate(
                 a, b = samples["ppo"].gold, samples[other].gold
                 report["win_rates"][f"ppo_vs_{other}"] = win_rate(a, b)
                 report["win_rate_intervals"][f"ppo_vs_{other}"] = win_rate_interval(a, b, prompt_ids)
+                outcomes = _outcomes(a, b)
+                report.setdefault("outcomes", {})[f"ppo_vs_{other}"] = {
+                    "wins": outcomes.count(1.0),
+                    "ties": outcomes.count(0.5),
+                    "losses": outcomes.count(0.0),
+                }
                 noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
                 report.setdefault("noisy_win_rates", {})[f"ppo_vs_{other}"] = sum(noisy) / len(noisy)
     if options.preferences:

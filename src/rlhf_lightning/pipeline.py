@@ -169,7 +169,9 @@ def run_pipeline(
 
     from rlhf_lightning.report import write_report
 
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak_rss_gb = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    )  # KiB on Linux; GB = 10^9 bytes
     path = write_report(run, report, timings, tb / "ppo", peak_rss_gb)
     print(path.read_text())
     print(f"report: {path}  TensorBoard: tensorboard --logdir {tb}")

@@ -189,10 +189,12 @@ def write_report(
     for pair, rate in report.get("win_rates", {}).items():
         noisy = report.get("noisy_win_rates", {}).get(pair)
         interval = report.get("win_rate_intervals", {}).get(pair)
+        counts = report.get("outcomes", {}).get(pair)
         lines.append(
             f"- {pair.replace('_', ' ')}: {rate:.3f}"
             + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
             + (f" (with label noise: {noisy:.3f})" if noisy else "")
+            + (f"; {counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses" if counts else "")
         )
     lines += ["", "## Stage times", ""]
     lines += [f"- {stage}: {seconds / 60:.1f} min" for stage, seconds in timings.items()]
