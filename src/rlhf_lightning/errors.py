@@ -30,7 +30,7 @@ class StageStopped(Exception):
 
     def __init__(self, stage: str, signal_name: str, checkpoint: str | None):
         self.stage, self.signal_name, self.checkpoint = stage, signal_name, checkpoint
-        saved = f"its state is in {checkpoint}" if checkpoint else "no checkpoint of it was written"
+        saved = f"its latest checkpoint is {checkpoint}" if checkpoint else "no checkpoint of it was written"
         super().__init__(f"the {stage} stage was stopped by {signal_name} before it finished; {saved}")
 
     @property

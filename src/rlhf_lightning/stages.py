@@ -8,6 +8,7 @@ The pipeline runs the stages in-process through :func:`run_stage`; the command l
 from __future__ import annotations
 
 import contextvars
+import os
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
@@ -69,7 +70,13 @@ class StageCLI(LightningCLI):
         return self.parser.prog.rsplit(" ", 1)[-1]
 
     def _saved_checkpoint(self) -> str | None:
-        return next((c.saved for c in self.trainer.callbacks if getattr(c, "saved", None)), None)
+        """The checkpoint written on the stop; else, when the signal came after the stop callback's check
+        of the step (Lightning raises at the end of it), the step's periodic ``last.ckpt``, if any."""
+        saved = next((c.saved for c in self.trainer.callbacks if getattr(c, "saved", None)), None)
+        if saved is None:
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+            saved = last if last and os.path.exists(last) else None
+        return saved
 
 
 class PPOCLI(StageCLI):
