@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_lightning.lm import (
+    entropy_from_logits,
+    head_logprobs,
+    hidden_states,
     last_token_index,
     logprobs_from_logits,
     mask_after_eos,
@@ -112,6 +115,24 @@ def test_response_logprobs_in_row_groups_are_the_same_numbers(tiny_lm):
     torch.testing.assert_close(two_rows, whole, atol=1e-6, rtol=1e-6)
     # With gradients the rows stay together (autograd keeps every group's logits anyway) and gradients flow.
     assert response_logprobs(tiny_lm, ids, mask, 3, max_logits=1).requires_grad
+
+
+def test_head_logprobs_with_entropy_in_row_groups_match_the_whole_batch(tiny_lm):
+    """The PPO rollout's log-probs and entropies, computed one row group at a time, are the whole batch's."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 250, (5, 9), generator=g)
+    mask = torch.ones_like(ids)
+    vocab = tiny_lm.get_output_embeddings().out_features
+    with torch.no_grad():
+        hidden = hidden_states(tiny_lm, ids, mask)[:, 2:-1]
+        logits = tiny_lm(input_ids=ids, attention_mask=mask).logits[:, 2:-1].float()
+        logprobs, entropy = head_logprobs(
+            tiny_lm, hidden, ids[:, 3:], 0.7, PAD, max_logits=2 * 6 * vocab, with_entropy=True
+        )
+    torch.testing.assert_close(
+        logprobs, logprobs_from_logits(logits, ids[:, 3:], 0.7, PAD), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.7, PAD), atol=1e-5, rtol=1e-5)
 
 
 def test_response_logprobs_left_padding_invariant(tiny_lm):

@@ -103,6 +103,39 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0, suppress: int 
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
+def head_logprobs(
+    model: nn.Module,
+    hidden: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    suppress: int | None = None,
+    fp32_head: bool = False,
+    max_logits: int = 2**23,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities of ``tokens`` from the hidden states that predict them, ``(batch, time)``; with
+    ``with_entropy`` also the sampling distribution's entropy at each position.
+
+    Without gradients the LM head and the softmax run over groups of rows holding at most ``max_logits``
+    vocabulary entries (32 MiB in fp32 by default; the softmax and entropy make a few temporaries of that
+    size), so memory stays flat however large the batch: a PPO
+    rollout of 32 responses of 48 tokens over a 49k vocabulary would otherwise materialise 0.3 GB of
+    logits and several temporaries of that size (1 GB, the PPO stage's memory peak).
+    """
+    per_row = max(1, tokens.shape[1] * lm_head(model).out_features)
+    rows = max(1, max_logits // per_row) if not torch.is_grad_enabled() else tokens.shape[0]
+    logprobs, entropies = [], []
+    for h, t in zip(hidden.split(rows), tokens.split(rows)):
+        logits = head_logits(model, h, fp32_head)
+        logprobs.append(logprobs_from_logits(logits, t, temperature, suppress))
+        if with_entropy:
+            entropies.append(entropy_from_logits(logits, temperature, suppress))
+        del logits
+    if with_entropy:
+        return torch.cat(logprobs), torch.cat(entropies)
+    return torch.cat(logprobs)
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -111,25 +144,12 @@ def response_logprobs(
     temperature: float = 1.0,
     suppress: int | None = None,
     fp32_head: bool = False,
-    max_logits: int = 2**25,
+    max_logits: int = 2**23,
 ) -> Tensor:
-    """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``.
-
-    The backbone runs once; the LM head and the log-softmax run over groups of rows holding at most
-    ``max_logits`` vocabulary entries (128 MiB in fp32 by default), so without gradients memory stays
-    flat however large the batch: 128 responses of 64 tokens over a 49k vocabulary would otherwise
-    materialise 1.6 GB of logits and as much again for the softmax.
-    """
+    """Log-probabilities of the tokens from ``start`` on, ``(batch, time - start)``: the backbone once,
+    then :func:`head_logprobs` (in row groups without gradients)."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, start - 1 : -1]
-    tokens = input_ids[:, start:]
-    per_row = max(1, tokens.shape[1] * lm_head(model).out_features)
-    rows = max(1, max_logits // per_row) if not torch.is_grad_enabled() else tokens.shape[0]
-    return torch.cat(
-        [
-            logprobs_from_logits(head_logits(model, h, fp32_head), t, temperature, suppress)
-            for h, t in zip(hidden.split(rows), tokens.split(rows))
-        ]
-    )
+    return head_logprobs(model, hidden, input_ids[:, start:], temperature, suppress, fp32_head, max_logits)
 
 
 def suppressed_token(pad_token_id: int, eos_token_id: int) -> int | None:

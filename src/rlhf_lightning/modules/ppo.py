@@ -36,6 +36,7 @@ from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
     entropy_from_logits,
     head_logits,
+    head_logprobs,
     hidden_states,
     last_token_index,
     logprobs_from_logits,
@@ -536,13 +537,20 @@ class PPOModule(LightningModule):
         input_ids = torch.cat([prompts, responses], dim=1)
         attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
 
-        logits, values = self.policy_and_values(input_ids, attention_mask, start)
-        logprobs = self.logprobs(logits, responses)
-        entropy = entropy_from_logits(logits, h.temperature, self.suppressed)
-        del logits
+        # the LM heads run over row groups (no gradients here): the batch's logits never exist at once
+        hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
+        values = (
+            self.value_head(hidden).squeeze(-1)
+            if self.critic is None
+            else self.critic_values(input_ids, attention_mask, start)
+        )
+        logprobs, entropy = head_logprobs(
+            self.policy, hidden, responses, h.temperature, self.suppressed, fp32_head=True, with_entropy=True
+        )
+        del hidden
         with self._reference_model() as reference:
-            ref_logprobs = self.logprobs(
-                response_logits(reference, input_ids, attention_mask, start, fp32_head=True), responses
+            ref_logprobs = response_logprobs(
+                reference, input_ids, attention_mask, start, h.temperature, self.suppressed, fp32_head=True
             )
         raw_scores, scores = self.score(
             input_ids, attention_mask, responses, response_mask, batch.get("prompt_texts")
