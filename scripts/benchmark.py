@@ -193,6 +193,8 @@ def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) ->
             export_dir=None,
             **options,
         )
+        # equal episodes per iteration: BATCH responses, as BATCH / K prompts x K samples when critic-free
+        data_args["batch_size"] = BATCH // options.get("samples_per_prompt", 1)
         data = PromptDataModule(train=str(folder / "prompts.jsonl"), **data_args)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -362,7 +364,7 @@ def run_worker(impl: str, stage: str, args, inputs: Path) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def step_flops(stage: str, config, stats: list[dict], lengths: dict, shared_critic: bool = False) -> float:
+def step_flops(stage: str, config, stats: list[dict], lengths: dict, critic_body: bool = True) -> float:
     """Model FLOPs of one iteration (see the module docstring)."""
     if stage == "sft":
         tokens = statistics.mean(s["tokens"] for s in stats)
@@ -378,7 +380,7 @@ def step_flops(stage: str, config, stats: list[dict], lengths: dict, shared_crit
     total, generated = BATCH * seq, BATCH * response
     rollout = forward_flops(config, total, seq, generated)  # generation: prefill + one token at a time
     rollout += forward_flops(config, total, seq, generated)  # reference log-probs
-    critic = 0.0 if shared_critic else forward_flops(config, total, seq, 0)  # a separate critic's body
+    critic = forward_flops(config, total, seq, 0) if critic_body else 0.0  # a separate critic's body
     rollout += forward_flops(config, total, seq, 0) + critic  # reward, values
     update = epochs * 3 * (forward_flops(config, total, seq, generated) + critic)
     return rollout + update
@@ -434,8 +436,12 @@ def main() -> None:
             times = [t for run in done for t in run["times"]]
             stats = [s for run in done for s in run["stats"]]
             median = statistics.median(times)
-            shared = impl == "ours" and json.loads(args.options).get("share_critic_backbone", False)
-            flops = step_flops(stage, config, stats, lengths, shared)
+            options = json.loads(args.options) if impl == "ours" else {}
+            critic_body = (
+                not options.get("share_critic_backbone", False)
+                and options.get("advantage_estimator", "gae") == "gae"
+            )
+            flops = step_flops(stage, config, stats, lengths, critic_body)
             precision = args.precision if impl == "ours" else args.trl_precision
             row[impl] = {
                 "precision": precision,

@@ -37,11 +37,11 @@ def test_forward_flops_by_hand(bench):
     assert bench.forward_flops(CONFIG, tokens=5, context=3, head_tokens=2) == expected
 
 
-def test_shared_critic_needs_fewer_flops_than_a_separate_one(bench):
+def test_a_shared_critic_or_none_needs_fewer_flops_than_a_separate_one(bench):
     stats = [{"response_length": 10.0}]
     lengths = {"ppo_prompt_tokens": 20.0, "sft_prompt_tokens": 30.0}
     separate = bench.step_flops("ppo4", CONFIG, stats, lengths)
-    shared = bench.step_flops("ppo4", CONFIG, stats, lengths, shared_critic=True)
+    shared = bench.step_flops("ppo4", CONFIG, stats, lengths, critic_body=False)
     critic = bench.forward_flops(CONFIG, 8 * 30, 30, 0)  # rollout batch 8 x (prompt 20 + response 10)
     assert separate - shared == pytest.approx(critic * (1 + 4 * 3))  # one rollout forward + 4 epochs fwd/bwd
 

@@ -103,9 +103,16 @@ def _stage_args(stage: str, exports: dict, out: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_stage_on_two_ddp_processes_keeps_ranks_identical(stage, tiny_exports, tmp_path):
-    _run(stage, _stage_args(stage, tiny_exports, tmp_path), tmp_path, devices=2)
+CRITIC_FREE = ["--model.init_args.advantage_estimator", "rloo", "--model.init_args.samples_per_prompt", "2"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [("sft", []), ("reward", []), ("ppo", []), ("ppo", CRITIC_FREE)],
+    ids=["sft", "reward", "ppo", "rloo"],
+)
+def test_stage_on_two_ddp_processes_keeps_ranks_identical(stage, extra, tiny_exports, tmp_path):
+    _run(stage, _stage_args(stage, tiny_exports, tmp_path) + extra, tmp_path, devices=2)
     digests = [(tmp_path / f"rank{r}.digest").read_text() for r in (0, 1)]
     assert digests[0] == digests[1], "trained parameters differ between the two ranks"
     exports = [p for p in tmp_path.iterdir() if "export" in p.name]

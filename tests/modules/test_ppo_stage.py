@@ -437,3 +437,85 @@ def test_reward_function_from_the_cli_trains_and_the_annotator_reward_parses(
         main([*common, "--model.init_args.reward_function.class_path=collections.Counter"])
     assert exit_info.value.code == 2
     assert "reward_function" in capsys.readouterr().err
+
+
+# -- (i) critic-free estimators: RLOO and GRPO ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("estimator", "kl_penalty"), [("rloo", "reward"), ("grpo", "loss"), ("grpo", "reward")]
+)
+def test_critic_free_estimator_learns_token_reward_without_a_critic(
+    estimator, kl_penalty, exports, tmp_path, read_scalars
+):
+    module = _module(
+        exports,
+        TokenRewardPPO,
+        policy=exports["boosted"],
+        advantage_estimator=estimator,
+        samples_per_prompt=4,
+        kl_penalty=kl_penalty,
+        kl_coef=0.0,
+        max_new_tokens=12,
+        ppo_epochs=4,
+        temperature=1.0,
+        lr_scheduler="constant",
+    )
+    assert module.critic is None and module.value_head is None
+    assert not any(k.startswith(("critic.", "value_head.")) for k in module.state_dict())
+    # 2 prompts x 4 samples = 8 episodes per iteration (the GAE test's 8); 16 iterations an epoch
+    trainer = _trainer(tmp_path, name=estimator, max_epochs=2)
+    trainer.fit(module, _data(exports, batch_size=2))
+    scalars = read_scalars(_log_dir(trainer))
+    scores = _values(scalars, "objective/scores")
+    assert len(scores) == 32
+    assert _values(scalars, "episode")[-1] == 32 * 8
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert first < 0.25
+    assert last > first + 0.25, scores  # the same bar as the GAE run
+    assert "loss/value_avg" not in scalars and "lr_critic" not in scalars
+    assert ("loss/kl_avg" in scalars) == (kl_penalty == "loss")
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimizer_params == {id(p) for p in module.policy.parameters() if p.requires_grad}
+
+
+def test_the_samples_of_a_prompt_stay_together_and_their_advantages_are_relative(exports):
+    module = _module(exports, TokenRewardPPO, advantage_estimator="rloo", samples_per_prompt=3)
+    data_module = _data(exports, batch_size=4)
+    data_module.setup("fit")
+    batch = next(iter(data_module.train_dataloader()))
+    torch.manual_seed(0)
+    data = module.rollout(batch)
+    assert data["responses"].shape[0] == 12
+    prompts = data["input_ids"][:, : data["start"]].view(4, 3, -1)
+    assert (prompts == prompts[:, :1]).all()  # each group of 3 consecutive episodes shares its prompt
+    assert data["prompt_texts"] == [t for t in batch["prompt_texts"] for _ in range(3)]
+    # every token of an episode carries the episode's advantage, and a group's advantages sum to 0
+    mask = data["mask"].float()
+    per_episode = data["advantages"].sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(data["advantages"], per_episode[:, None] * mask)
+    torch.testing.assert_close(per_episode.view(4, 3).sum(-1), torch.zeros(4), atol=1e-5, rtol=0)
+    expected = data["scores"] - data["kl"].sum(-1) * module.kl_controller.value
+    others = (expected.view(4, 3).sum(-1, keepdim=True) - expected.view(4, 3)) / 2
+    torch.testing.assert_close(per_episode, (expected.view(4, 3) - others).view(-1))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"advantage_estimator": "rloo"}, "samples_per_prompt to 2 or more"),
+        ({"advantage_estimator": "grpo", "samples_per_prompt": 1}, "samples_per_prompt to 2 or more"),
+        (
+            {"advantage_estimator": "rloo", "samples_per_prompt": 2, "share_critic_backbone": True},
+            "no critic",
+        ),
+        ({"samples_per_prompt": 0}, "must be >= 1"),
+    ],
+)
+def test_estimator_options_are_checked(exports, options, message):
+    with pytest.raises(ConfigurationError, match=message):
+        _module(exports, **options)
+
+
+def test_minibatch_must_divide_prompts_times_samples(exports, tmp_path):
+    module = _module(exports, advantage_estimator="rloo", samples_per_prompt=3, minibatch_size=4)
+    with pytest.raises(ConfigurationError, match="2 prompts x model.samples_per_prompt=3 = 6 responses"):
+        _trainer(tmp_path, logger=False).fit(module, _data(exports, batch_size=2))

@@ -6,8 +6,9 @@ One ``training_step`` is one PPO iteration (manual optimization):
 2. score: the frozen reward model at the last token of each response (normalised with the stats
    exported by the reward stage), minus a penalty for responses that never emit EOS;
 3. reward per token: ``-beta * KL_t`` at every token, plus the score at the last one;
-4. GAE over the critic's values, advantages whitened over the global batch;
-5. ``ppo_epochs`` passes over shuffled minibatches of the clipped policy and value losses.
+4. GAE over the critic's values, advantages whitened over the global batch; or, critic-free, each
+   sample's score against the other samples of its prompt (RLOO, GRPO: ``advantage_estimator``);
+5. ``ppo_epochs`` passes over shuffled minibatches of the clipped policy loss (and value loss).
 
 The algorithm itself lives in ``rlhf_lightning.rl`` as pure tensor functions; this module wires
 them to the four models. ``docs/ppo.md`` lists the published implementation details we follow.
@@ -61,8 +62,9 @@ from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.reward import STATS_FILE
 from rlhf_lightning.rewards import RewardFunction
 from rlhf_lightning.rl.gae import gae
+from rlhf_lightning.rl.group_advantages import grpo_advantages, rloo_advantages
 from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from rlhf_lightning.rl.losses import masked_mean, policy_loss, value_loss
+from rlhf_lightning.rl.losses import kl_loss, masked_mean, policy_loss, value_loss
 from rlhf_lightning.rl.ranking import pair_accuracy
 from rlhf_lightning.rl.whiten import whiten
 from rlhf_lightning.schedules import deferred_schedule
@@ -107,6 +109,33 @@ def value_head(source: nn.Linear, hidden_size: int | None = None, stats: dict | 
     return head
 
 
+def _check_estimator(estimator: str, k: int, critic: str | None, share_critic_backbone: bool) -> None:
+    if k < 1:
+        raise ConfigurationError(f"model.samples_per_prompt must be >= 1, got {k}")
+    if estimator == "gae":
+        return
+    if k < 2:
+        raise ConfigurationError(
+            f"model.advantage_estimator={estimator} compares the samples of each prompt: set "
+            f"model.samples_per_prompt to 2 or more (got {k})"
+        )
+    if critic is not None or share_critic_backbone:
+        raise ConfigurationError(
+            f"model.advantage_estimator={estimator} has no critic: unset model.critic and "
+            "model.share_critic_backbone (they apply to gae)"
+        )
+
+
+def repeat_prompts(batch: dict, k: int) -> dict:
+    """Each prompt of a batch ``k`` times in a row (the samples of a prompt stay together)."""
+    if k == 1:
+        return batch
+    out = {key: value.repeat_interleave(k, 0) for key, value in batch.items() if isinstance(value, Tensor)}
+    if batch.get("prompt_texts") is not None:
+        out["prompt_texts"] = [text for text in batch["prompt_texts"] for _ in range(k)]
+    return out
+
+
 class PPOModule(LightningModule):
     """PPO for language models, one rollout + optimization per ``training_step``.
 
@@ -121,6 +150,19 @@ class PPOModule(LightningModule):
         critic: Initial value model. ``None``: the reward model (Huang et al. 2024).
         share_critic_backbone: Put the value head on the policy's backbone instead of a separate
             critic model (one model fewer in memory; the value loss then also moves the policy).
+        advantage_estimator: ``gae`` (a critic and GAE, as PPO), or critic-free: ``rloo`` (each sample's
+            baseline is the mean score of the other samples of its prompt; Ahmadian et al. 2024) or
+            ``grpo`` (scores standardised within the prompt's group; Shao et al. 2024). Critic-free, no
+            critic or value head is built, loaded, checkpointed or logged, and the sequence's score
+            (minus its KL penalty when ``kl_penalty`` is ``reward``) is the advantage of each of its tokens.
+        samples_per_prompt: Responses sampled for each prompt in a rollout (K): the rollout holds
+            ``data.batch_size x K`` episodes, the K samples of a prompt on one device. ``rloo`` and
+            ``grpo`` need K >= 2.
+        scale_advantages: ``grpo`` only: divide by the group's standard deviation (``False``: Dr. GRPO,
+            Liu et al. 2025, centred scores only).
+        kl_penalty: Where the KL to the reference enters: ``reward`` (``-beta * KL_t`` per token with
+            ``kl_estimator``, as PPO; Ziegler et al. 2019) or ``loss`` (``beta`` times the mean ``k3`` KL of
+            the response tokens added to the policy loss, as GRPO).
         max_new_tokens: Longest response in tokens.
         temperature: Sampling temperature; log-probs for the PPO ratio use the same temperature.
         normalize_reward: Standardise scores with the mean/std stored by the reward stage.
@@ -166,6 +208,10 @@ class PPOModule(LightningModule):
         reference: str | None = None,
         critic: str | None = None,
         share_critic_backbone: bool = False,
+        advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae",
+        samples_per_prompt: int = 1,
+        scale_advantages: bool = True,
+        kl_penalty: Literal["reward", "loss"] = "reward",
         max_new_tokens: int = 32,
         temperature: float = 0.7,
         normalize_reward: bool = True,
@@ -202,6 +248,7 @@ class PPOModule(LightningModule):
             raise ConfigurationError(
                 f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
             )
+        _check_estimator(advantage_estimator, samples_per_prompt, critic, share_critic_backbone)
         lora = LoraOptions.of(lora)
         if lora is not None and lora.dropout > 0:
             raise ConfigurationError(
@@ -241,7 +288,10 @@ class PPOModule(LightningModule):
         # The critic is a backbone plus a value head with a bias. Both start from the critic model (by
         # default the reward model); with reward normalisation on, the head is rescaled so the initial
         # values are on the scale of the normalised returns they are trained toward.
-        if share_critic_backbone:
+        self.critic = self.value_head = None
+        if advantage_estimator != "gae":
+            pass  # critic-free: the other samples of a prompt are the baseline
+        elif share_critic_backbone:
             if critic is not None:
                 raise ConfigurationError(
                     "model.critic must be null with share_critic_backbone: the policy is the critic"
@@ -258,10 +308,11 @@ class PPOModule(LightningModule):
                 )
             self.critic = backbone(critic_model)
             source_head = score_head(critic_model)
-        stats = self.reward_stats if critic is None else None
-        self.value_head = value_head(
-            source_head, self.policy.config.hidden_size if self.critic is None else None, stats
-        )
+        if advantage_estimator == "gae":
+            stats = self.reward_stats if critic is None else None
+            self.value_head = value_head(
+                source_head, self.policy.config.hidden_size if self.critic is None else None, stats
+            )
         self._check_vocabularies()
         self.suppressed = suppressed_token(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         if adaptive_kl_target is None:
@@ -327,29 +378,31 @@ class PPOModule(LightningModule):
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if batch_size is None:
             return
-        mb, world = self.hparams.minibatch_size, self.trainer.world_size
-        if mb < 1 or batch_size % mb:
+        mb, world, k = self.hparams.minibatch_size, self.trainer.world_size, self.hparams.samples_per_prompt
+        episodes = batch_size * k
+        if mb < 1 or episodes % mb:
             raise ConfigurationError(
-                f"each PPO iteration samples data.batch_size={batch_size} responses per device and splits them "
-                f"into minibatches of model.minibatch_size={mb}; {batch_size} is not a multiple of {mb}. "
-                f"Pick a minibatch size that divides {batch_size}."
+                f"each PPO iteration samples data.batch_size={batch_size} prompts x model.samples_per_prompt={k} "
+                f"= {episodes} responses per device and splits them into minibatches of "
+                f"model.minibatch_size={mb}; {episodes} is not a multiple of {mb}. Pick a minibatch size that "
+                f"divides {episodes}."
             )
-        steps = self.hparams.ppo_epochs * batch_size // mb
+        steps = self.hparams.ppo_epochs * episodes // mb
         rank_zero_info(
-            f"PPO iteration: {batch_size} prompts/device x {world} device(s) = {batch_size * world} episodes; "
-            f"{self.hparams.ppo_epochs} epochs x {batch_size // mb} minibatches of {mb} = {steps} optimizer steps"
+            f"PPO iteration ({self.hparams.advantage_estimator}): {batch_size} prompts x {k} samples/device x "
+            f"{world} device(s) = {episodes * world} episodes; {self.hparams.ppo_epochs} epochs x "
+            f"{episodes // mb} minibatches of {mb} = {steps} optimizer steps"
         )
 
     def configure_optimizers(self):
         h = self.hparams
-        critic_params = [
-            *self.value_head.parameters(),
-            *(self.critic.parameters() if self.critic is not None else []),
-        ]
-        groups = [
-            (list(self.policy.parameters()), h.learning_rate),
-            (critic_params, h.critic_learning_rate or h.learning_rate),
-        ]
+        groups = [(list(self.policy.parameters()), h.learning_rate)]
+        if self.value_head is not None:
+            critic_params = [
+                *self.value_head.parameters(),
+                *(self.critic.parameters() if self.critic is not None else []),
+            ]
+            groups.append((critic_params, h.critic_learning_rate or h.learning_rate))
         optimizer = adamw(groups, h.weight_decay, h.adam_eps)
         # stepped by training_step once per PPO iteration (manual optimization)
         scheduler = deferred_schedule(optimizer, self.total_iterations, 0.0, h.lr_scheduler)
@@ -362,7 +415,7 @@ class PPOModule(LightningModule):
         if trainer.max_epochs not in (None, -1):
             total = trainer.num_training_batches * trainer.max_epochs
         if trainer.max_steps not in (None, -1):
-            batch = trainer.datamodule.batch_size
+            batch = trainer.datamodule.batch_size * self.hparams.samples_per_prompt
             per_iteration = self.hparams.ppo_epochs * math.ceil(batch / self.hparams.minibatch_size)
             total = min(total, math.ceil(trainer.max_steps / per_iteration))
         if math.isinf(total):
@@ -521,6 +574,7 @@ class PPOModule(LightningModule):
 
     def _rollout(self, batch: dict) -> dict:
         h = self.hparams
+        batch = repeat_prompts(batch, h.samples_per_prompt)
         prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
         start = prompts.shape[1]
         responses, response_mask = sample(
@@ -539,11 +593,11 @@ class PPOModule(LightningModule):
 
         # the LM heads run over row groups (no gradients here): the batch's logits never exist at once
         hidden = hidden_states(self.policy, input_ids, attention_mask)[:, start - 1 : -1]
-        values = (
-            self.value_head(hidden).squeeze(-1)
-            if self.critic is None
-            else self.critic_values(input_ids, attention_mask, start)
-        )
+        values = None
+        if self.critic is not None:
+            values = self.critic_values(input_ids, attention_mask, start)
+        elif self.value_head is not None:  # the critic shares the policy's backbone
+            values = self.value_head(hidden).squeeze(-1)
         logprobs, entropy = head_logprobs(
             self.policy, hidden, responses, h.temperature, self.suppressed, fp32_head=True, with_entropy=True
         )
@@ -558,7 +612,34 @@ class PPOModule(LightningModule):
 
         mask = response_mask
         kl = kl_estimate(logprobs, ref_logprobs, h.kl_estimator) * mask
-        non_score_reward = -self.kl_controller.value * kl
+        penalised = h.kl_penalty == "reward"
+        non_score_reward = -self.kl_controller.value * kl if penalised else torch.zeros_like(kl)
+        data = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "start": start,
+            "responses": responses,
+            "mask": mask,
+            "logprobs": logprobs * mask,
+            "raw_scores": raw_scores,
+            "scores": scores,
+            "kl": kl,
+            "entropy": entropy * mask,
+            "non_score_reward": non_score_reward,
+            "prompt_texts": batch.get("prompt_texts"),
+        }
+        if not penalised:
+            data["ref_logprobs"] = ref_logprobs * mask
+        if values is None:
+            data.update(self._group_advantages(scores, non_score_reward, mask))
+        else:
+            data.update(self._gae_advantages(scores, non_score_reward, values, mask))
+        return data
+
+    def _gae_advantages(self, scores: Tensor, non_score_reward: Tensor, values: Tensor, mask: Tensor) -> dict:
+        """PPO: the score at the last token plus the per-token KL penalty, GAE over the critic's values,
+        advantages whitened over the global batch."""
+        h = self.hparams
         rewards = non_score_reward.clone()
         last = last_token_index(mask)
         rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
@@ -569,23 +650,18 @@ class PPOModule(LightningModule):
             values = (values + self._calibrate_value_bias(rewards, values, mask)) * mask
         advantages, returns = gae(rewards, values, mask, h.gamma, h.lam)
         advantages = whiten(advantages, mask, all_reduce=self._all_reduce)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "start": start,
-            "responses": responses,
-            "mask": mask,
-            "logprobs": logprobs * mask,
-            "values": values,
-            "advantages": advantages,
-            "returns": returns,
-            "raw_scores": raw_scores,
-            "scores": scores,
-            "kl": kl,
-            "entropy": entropy * mask,
-            "non_score_reward": non_score_reward,
-            "prompt_texts": batch.get("prompt_texts"),
-        }
+        return {"values": values, "advantages": advantages, "returns": returns}
+
+    def _group_advantages(self, scores: Tensor, non_score_reward: Tensor, mask: Tensor) -> dict:
+        """Critic-free: each episode's return (its score plus its KL penalty) against the other samples
+        of its prompt, given to every token of the response."""
+        h = self.hparams
+        returns = scores.float() + non_score_reward.sum(-1)
+        if h.advantage_estimator == "rloo":
+            advantages = rloo_advantages(returns, h.samples_per_prompt)
+        else:
+            advantages = grpo_advantages(returns, h.samples_per_prompt, h.scale_advantages)
+        return {"advantages": advantages[:, None] * mask.to(advantages.dtype)}
 
     def _calibrate_value_bias(self, rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """Shift the value head's bias by the critic's mean error on the first rollout; returns the shift.
@@ -607,8 +683,8 @@ class PPOModule(LightningModule):
         attention = data["attention_mask"][idx]
         first = int((attention[:, :start].sum(0) > 0).nonzero()[0]) if start > 0 else 0
         width = int(mask.sum(-1).max())
-        per_token = ("responses", "mask", "logprobs", "values", "advantages", "returns")
-        out = {k: data[k][idx][:, :width] for k in per_token}
+        per_token = ("responses", "mask", "logprobs", "values", "advantages", "returns", "ref_logprobs")
+        out = {k: data[k][idx][:, :width] for k in per_token if k in data}
         out["input_ids"] = data["input_ids"][idx][:, first : start + width]
         out["attention_mask"] = attention[:, first : start + width]
         out["start"] = start - first
@@ -622,7 +698,9 @@ class PPOModule(LightningModule):
             data = self.rollout(batch)
             rollout_time = time.perf_counter() - began
             finite = all(
-                torch.isfinite(data[k]).all() for k in ("scores", "advantages", "returns", "logprobs")
+                torch.isfinite(data[k]).all()
+                for k in ("scores", "advantages", "returns", "logprobs")
+                if k in data
             )
             if not self._guard_nonfinite(self._all_ranks(bool(finite)), "rollout"):
                 self._finish_iteration(data, {}, rollout_time, 0.0, skipped=True)
@@ -644,36 +722,28 @@ class PPOModule(LightningModule):
             for begin in range(0, n, h.minibatch_size):
                 mb = self._minibatch(data, order[begin : begin + h.minibatch_size].to(self.device))
                 optimizer.zero_grad()
-                losses = self._minibatch_backward(mb)
-                if losses is None:
+                step_stats = self._minibatch_backward(mb)
+                if step_stats is None:
                     optimizer.zero_grad()
                     self._count_nonfinite_step("loss")
                     continue
-                pg_loss, vf_loss, pg_stats, vf_stats, entropy = losses
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, h.max_grad_norm or float("inf"))
                 if not torch.isfinite(grad_norm):
                     optimizer.zero_grad()
                     self._count_nonfinite_step("gradient")
                     continue
                 optimizer.step()
-                for key, value in (
-                    ("policy/approxkl_avg", pg_stats["approxkl"]),
-                    ("policy/clipfrac_avg", pg_stats["clipfrac"]),
-                    ("policy/entropy_avg", entropy),
-                    ("loss/policy_avg", pg_loss.detach()),
-                    ("loss/value_avg", vf_loss.detach()),
-                    ("val/clipfrac_avg", vf_stats["clipfrac"]),
-                    ("val/ratio", pg_stats["ratio"]),
-                    ("policy/grad_norm", grad_norm),
-                ):
+                for key, value in {**step_stats, "policy/grad_norm": grad_norm}.items():
                     records.setdefault(key, []).append(value.float())
         stats = {k: torch.stack(v).mean() for k, v in records.items()}
         if "val/ratio" in records:
             stats["val/ratio_var"] = torch.stack(records["val/ratio"]).var(unbiased=False)
         return stats
 
-    def _minibatch_backward(self, mb: dict) -> tuple | None:
-        """Gradients of ``policy loss + vf_coef * value loss`` on one minibatch; ``None`` if a loss is NaN/inf.
+    def _minibatch_backward(self, mb: dict) -> dict[str, Tensor] | None:
+        """Gradients of one minibatch's loss: the clipped policy loss, plus ``beta`` times the KL loss
+        (``kl_penalty: loss``), plus ``vf_coef`` times the value loss (``gae``). Returns its statistics,
+        or ``None`` if a loss is NaN/inf.
 
         With a separate critic on one device the two losses touch disjoint parameters, so each network is
         back-propagated on its own right after its forward: the gradients are those of one backward of
@@ -683,29 +753,44 @@ class PPOModule(LightningModule):
         h = self.hparams
         ids, mask, start = mb["input_ids"], mb["attention_mask"], mb["start"]
         split = self.critic is not None and self._one_process
-        if split:
-            logits = response_logits(self.policy, ids, mask, start, fp32_head=True)
-        else:
+        if self.value_head is not None and not split:
             logits, values = self.policy_and_values(ids, mask, start)
-        pg_loss, pg_stats = policy_loss(
-            self.logprobs(logits, mb["responses"]), mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range
-        )
+        else:
+            logits = response_logits(self.policy, ids, mask, start, fp32_head=True)
+        logprobs = self.logprobs(logits, mb["responses"])
+        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], h.clip_range)
+        loss = pg_loss
+        stats = {
+            "loss/policy_avg": pg_loss.detach(),
+            "policy/approxkl_avg": pg_stats["approxkl"],
+            "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "val/ratio": pg_stats["ratio"],
+        }
+        if h.kl_penalty == "loss":
+            kl = kl_loss(logprobs, mb["ref_logprobs"], mb["mask"])
+            loss = loss + self.kl_controller.value * kl
+            stats["loss/kl_avg"] = kl.detach()
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits, h.temperature, self.suppressed), mb["mask"])
-        del logits
+            stats["policy/entropy_avg"] = masked_mean(
+                entropy_from_logits(logits, h.temperature, self.suppressed), mb["mask"]
+            )
+        del logits, logprobs
         if split:
-            if not torch.isfinite(pg_loss):
+            if not torch.isfinite(loss):
                 return None
-            self.manual_backward(pg_loss)
+            self.manual_backward(loss)
             values = self.critic_values(ids, mask, start)
-        vf_loss, vf_stats = value_loss(
-            values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
-        )
-        loss = h.vf_coef * vf_loss if split else pg_loss + h.vf_coef * vf_loss
+        if self.value_head is not None:
+            vf_loss, vf_stats = value_loss(
+                values.float(), mb["values"], mb["returns"], mb["mask"], h.clip_range_value
+            )
+            loss = h.vf_coef * vf_loss if split else loss + h.vf_coef * vf_loss
+            stats["loss/value_avg"] = vf_loss.detach()
+            stats["val/clipfrac_avg"] = vf_stats["clipfrac"]
         if not self._all_ranks(bool(torch.isfinite(loss))):
             return None
         self.manual_backward(loss)
-        return pg_loss.detach(), vf_loss.detach(), pg_stats, vf_stats, entropy
+        return stats
 
     def _count_nonfinite_step(self, what: str) -> None:
         """A minibatch whose loss or gradient is NaN/inf: its update is skipped and counted."""
@@ -758,7 +843,6 @@ class PPOModule(LightningModule):
             "objective/kl_coef": torch.tensor(self.kl_controller.value),
             "objective/response_length": mask.sum(-1).float().mean(),
             "lr": torch.tensor(learning_rates[0]),
-            "lr_critic": torch.tensor(learning_rates[-1]),
             "episode": torch.tensor(float(self.episodes)),
             "rollouts": torch.tensor(float(self.rollouts)),
             "nonfinite/rollouts_skipped": torch.tensor(float(self.nonfinite_rollouts)),
@@ -766,6 +850,8 @@ class PPOModule(LightningModule):
             "time/optimize_s": torch.tensor(optimize_time),
             **stats,
         }
+        if self.value_head is not None:
+            metrics["lr_critic"] = torch.tensor(learning_rates[-1])
         metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
         same_on_all_ranks = ("episode", "rollouts", "objective/kl_coef", "lr", "lr_critic")
         sync = {k: v for k, v in metrics.items() if k not in same_on_all_ranks}

@@ -1,9 +1,11 @@
-"""PPO's clipped surrogate objectives (Schulman et al. 2017), masked to response tokens."""
+"""PPO's clipped surrogate objectives (Schulman et al. 2017) and the KL loss term, masked to response tokens."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from rlhf_lightning.rl.kl import kl_estimate
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -45,3 +47,9 @@ def value_loss(
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
     return loss, stats
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4): the mean over response
+    tokens of the ``k3`` estimator, non-negative and differentiable in the policy's log-probs."""
+    return masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
