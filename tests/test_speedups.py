@@ -121,7 +121,8 @@ def test_split_backward_gives_the_gradients_of_the_summed_loss(tmp_path):
     trainable = [p for p in module.parameters() if p.requires_grad]
 
     module.zero_grad()
-    pg_loss, vf_loss, *_ = module._minibatch_backward(mb)
+    stats = module._minibatch_backward(mb)
+    pg_loss, vf_loss = stats["loss/policy_avg"], stats["loss/value_avg"]
     split = [p.grad.clone() for p in trainable]
 
     module.zero_grad()
