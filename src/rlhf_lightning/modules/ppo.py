@@ -176,7 +176,7 @@ class PPOModule(LightningModule):
         adaptive_kl_horizon: Horizon (in episodes) of the adaptive controller.
         gamma: Discount factor of GAE.
         lam: GAE lambda.
-        whiten_rewards: Whiten the per-token rewards before GAE (mean kept).
+        whiten_rewards: Whiten the per-token rewards before GAE (mean kept); no effect with ``rloo``/``grpo``.
         ppo_epochs: Passes over each rollout batch.
         minibatch_size: Episodes per optimizer step on each device (the step averages gradients over
             devices); must divide the rollout batch ``data.batch_size``.
