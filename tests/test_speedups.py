@@ -20,6 +20,7 @@ from rlhf_lightning.lm import response_logits, response_logprobs
 from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.ppo import PPOModule, linear_weights_to
+from rlhf_lightning.modules.ppo_update import minibatch_backward
 
 
 def test_fused_adamw_matches_reference_adamw():
@@ -117,22 +118,20 @@ def test_split_backward_gives_the_gradients_of_the_summed_loss(tmp_path):
     module.manual_backward = lambda loss: loss.backward()  # no trainer: a plain backward
     with torch.no_grad():
         rollout = module.rollout(batch)
-    mb = module._minibatch(rollout, torch.arange(8))
+    mb = rollout.minibatch(torch.arange(8))
     trainable = [p for p in module.parameters() if p.requires_grad]
 
     module.zero_grad()
-    stats = module._minibatch_backward(mb)
+    stats = minibatch_backward(module, mb)
     pg_loss, vf_loss = stats["loss/policy_avg"], stats["loss/value_avg"]
     split = [p.grad.clone() for p in trainable]
 
     module.zero_grad()
     from rlhf_lightning.rl.losses import policy_loss, value_loss
 
-    logits, values = module.policy_and_values(mb["input_ids"], mb["attention_mask"], mb["start"])
-    pg, _ = policy_loss(
-        module.logprobs(logits, mb["responses"]), mb["logprobs"], mb["advantages"], mb["mask"], 0.2
-    )
-    vf, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], 0.2)
+    logits, values = module.policy_and_values(mb.input_ids, mb.attention_mask, mb.start)
+    pg, _ = policy_loss(module.logprobs(logits, mb.responses), mb.logprobs, mb.advantages, mb.mask, 0.2)
+    vf, _ = value_loss(values, mb.values, mb.returns, mb.mask, 0.2)
     (pg + module.hparams.vf_coef * vf).backward()
     torch.testing.assert_close(pg, pg_loss)
     torch.testing.assert_close(vf, vf_loss)
@@ -180,8 +179,10 @@ def test_bf16_ppo_iteration_matches_fp32(tmp_path):
     assert all(m.weight.dtype == torch.bfloat16 for m in linears)  # frozen models stored in bf16
 
 
-def test_rollout_weight_cast_cache_changes_no_number(tmp_path):
+def test_rollout_weight_cast_cache_changes_no_number(tmp_path, monkeypatch):
     import contextlib
+
+    import rlhf_lightning.modules.ppo as ppo
 
     module, data = _tiny_ppo(tmp_path)
     module.hparams.calibrate_value_bias = False  # the first rollout would move the value head between the two
@@ -190,13 +191,13 @@ def test_rollout_weight_cast_cache_changes_no_number(tmp_path):
     outputs = []
     for cached in (True, False):
         if not cached:
-            module._weights_cast_once = contextlib.nullcontext
+            monkeypatch.setattr(ppo, "weights_cast_once", lambda device: contextlib.nullcontext())
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
             outputs.append(module.rollout(batch))
             assert not torch.is_autocast_cache_enabled()
     for key in ("responses", "logprobs", "values", "advantages", "kl"):
-        assert torch.equal(outputs[0][key], outputs[1][key]), key
+        assert torch.equal(getattr(outputs[0], key), getattr(outputs[1], key)), key
 
 
 def test_first_rollout_calibrates_the_value_bias_to_zero_mean_error(tmp_path):
@@ -210,12 +211,12 @@ def test_first_rollout_calibrates_the_value_bias_to_zero_mean_error(tmp_path):
     before = module.value_head.bias.detach().clone()
     torch.manual_seed(0)
     out = module.rollout(batch)
-    mask = out["mask"]
-    rewards = out["non_score_reward"].clone()
+    mask = out.mask
+    rewards = out.non_score_reward.clone()
     last = mask.long().cumsum(-1).argmax(-1)
-    rewards[torch.arange(rewards.shape[0]), last] += out["scores"]
+    rewards[torch.arange(rewards.shape[0]), last] += out.scores
     _, to_go = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
-    error = ((to_go - out["values"]) * mask).sum() / mask.sum()
+    error = ((to_go - out.values) * mask).sum() / mask.sum()
     assert abs(float(error)) < 1e-5
     assert not torch.equal(module.value_head.bias, before)
     module.rollouts = 1

@@ -44,17 +44,15 @@ class RolloutSamples(Callback):
         writer = _tensorboard(trainer)
         if data is None or writer is None or (pl_module.rollouts - 1) % self.every_n_rollouts:
             return
-        tokenizer, start = pl_module.tokenizer, data["start"]
+        tokenizer, start = pl_module.tokenizer, data.start
         rows = ["| prompt | response | score |", "|---|---|---|"]
-        for i in range(min(self.num_samples, data["input_ids"].shape[0])):
-            prompt = tokenizer.decode(data["input_ids"][i, :start], skip_special_tokens=True)
-            response = tokenizer.decode(
-                data["input_ids"][i, start:][data["mask"][i]], skip_special_tokens=False
-            )
-            rows.append(f"| {_cell(prompt)[-200:]} | {_cell(response)} | {float(data['scores'][i]):.3f} |")
+        for i in range(min(self.num_samples, len(data))):
+            prompt = tokenizer.decode(data.input_ids[i, :start], skip_special_tokens=True)
+            response = tokenizer.decode(data.input_ids[i, start:][data.mask[i]], skip_special_tokens=False)
+            rows.append(f"| {_cell(prompt)[-200:]} | {_cell(response)} | {float(data.raw_scores[i]):.3f} |")
         step = pl_module.rollouts - 1  # the scalars' x-axis: one point per PPO iteration
         writer.add_text("samples", "\n".join(rows), step)
-        writer.add_histogram("objective/raw_scores_hist", data["scores"].float().cpu(), step)
+        writer.add_histogram("objective/raw_scores_hist", data.raw_scores.float().cpu(), step)
 
 
 class CheckpointOnStop(Callback):
@@ -166,11 +164,10 @@ class GoldJudge(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
     ) -> None:
         data = getattr(pl_module, "last_rollout", None)
-        if data is None or not data.get("prompt_texts"):
+        if data is None or not data.prompt_texts:
             return
-        start = data["start"]
         gold, finished = self._judge(
-            pl_module.tokenizer, data["prompt_texts"], data["input_ids"][:, start:], data["mask"]
+            pl_module.tokenizer, data.prompt_texts, data.input_ids[:, data.start :], data.mask
         )
         n = len(gold)
         pl_module.log("gold/score", sum(gold) / n, on_step=True, batch_size=n, sync_dist=True)
@@ -189,7 +186,7 @@ class GoldJudge(Callback):
         if writer is None:
             return
         if self._reference_gold is None:
-            with pl_module._reference_model() as reference:
+            with pl_module.reference_model() as reference:
                 self._reference_gold = self._sample_gold(trainer, pl_module, reference)
         gold = self._sample_gold(trainer, pl_module, pl_module.policy)
         low, high = win_rate_interval(gold, self._reference_gold)

@@ -315,8 +315,8 @@ def test_nan_reward_iteration_is_skipped(exports, tmp_path):
     trainer = _trainer(tmp_path, limit_train_batches=3, callbacks=[snapshots])
     trainer.fit(module, _data(exports))
     assert module.rollouts == 3
-    assert module.nonfinite_rollouts == 1
-    assert module.consecutive_nonfinite == 0  # reset by the good iteration 3
+    assert module.nonfinite.rollouts == 1
+    assert module.nonfinite.consecutive == 0  # reset by the good iteration 3
     after_1, after_2, after_3 = snapshots.weights
     assert _same(after_1, after_2)  # iteration 2 (NaN) changed nothing
     assert not _same(after_2, after_3)  # iteration 3 trained again
@@ -484,16 +484,16 @@ def test_the_samples_of_a_prompt_stay_together_and_their_advantages_are_relative
     batch = next(iter(data_module.train_dataloader()))
     torch.manual_seed(0)
     data = module.rollout(batch)
-    assert data["responses"].shape[0] == 12
-    prompts = data["input_ids"][:, : data["start"]].view(4, 3, -1)
+    assert data.responses.shape[0] == 12
+    prompts = data.input_ids[:, : data.start].view(4, 3, -1)
     assert (prompts == prompts[:, :1]).all()  # each group of 3 consecutive episodes shares its prompt
-    assert data["prompt_texts"] == [t for t in batch["prompt_texts"] for _ in range(3)]
+    assert data.prompt_texts == [t for t in batch["prompt_texts"] for _ in range(3)]
     # every token of an episode carries the episode's advantage, and a group's advantages sum to 0
-    mask = data["mask"].float()
-    per_episode = data["advantages"].sum(-1) / mask.sum(-1)
-    torch.testing.assert_close(data["advantages"], per_episode[:, None] * mask)
+    mask = data.mask.float()
+    per_episode = data.advantages.sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(data.advantages, per_episode[:, None] * mask)
     torch.testing.assert_close(per_episode.view(4, 3).sum(-1), torch.zeros(4), atol=1e-5, rtol=0)
-    expected = data["scores"] - data["kl"].sum(-1) * module.kl_controller.value
+    expected = data.scores - data.kl.sum(-1) * module.kl_controller.value
     others = (expected.view(4, 3).sum(-1, keepdim=True) - expected.view(4, 3)) / 2
     torch.testing.assert_close(per_episode, (expected.view(4, 3) - others).view(-1))
 
