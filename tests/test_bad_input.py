@@ -151,3 +151,21 @@ def test_the_cli_reports_bad_input_in_one_line_and_exits_2(tmp_path):
     assert "rlhf-lightning sft: error: bad.jsonl row 2: field 'completion' is empty" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "export").exists()
+
+
+def test_the_dpo_stage_reports_bad_preference_rows_like_the_reward_stage(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_bytes(
+        _jsonl([GOOD_PAIR, {"prompt": "x", "responses": ["bad", "ok", "best"], "ranking": [2, 1, 0]}])
+    )
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "dpo.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_lightning", "dpo", "fit", "-c", str(config), "--data.init_args.train", str(bad),
+         "--model.init_args.model", "tiny:llama", "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"),
+         "--model.init_args.export_dir", str(tmp_path / "export")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "rlhf-lightning dpo: error: prefs.jsonl row 2:" in result.stderr and "'ranking'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "export").exists()

@@ -16,7 +16,7 @@ def _stage(config: Path) -> str:
     return config.stem.split("_")[0]
 
 
-STAGE_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if _stage(p) in ("sft", "reward", "ppo"))
+STAGE_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if _stage(p) in ("sft", "reward", "ppo", "dpo"))
 PIPELINE_CONFIGS = sorted(CONFIGS.rglob("pipeline.yaml"))
 
 
@@ -24,7 +24,7 @@ def test_every_config_is_covered():
     assert {p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")} == {
         p.relative_to(CONFIGS) for p in STAGE_CONFIGS + PIPELINE_CONFIGS
     }
-    assert len(STAGE_CONFIGS) == 7 and len(PIPELINE_CONFIGS) == 2
+    assert len(STAGE_CONFIGS) == 9 and len(PIPELINE_CONFIGS) == 2
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

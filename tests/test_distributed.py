@@ -80,6 +80,7 @@ def _stage_args(stage: str, exports: dict, out: Path) -> list[str]:
     models = {
         "sft": ["--model.init_args.model", str(exports["policy"])],
         "reward": ["--model.init_args.model", str(exports["policy"])],
+        "dpo": ["--model.init_args.model", str(exports["policy"])],
         "ppo": [
             "--model.init_args.policy",
             str(exports["policy"]),
@@ -89,7 +90,12 @@ def _stage_args(stage: str, exports: dict, out: Path) -> list[str]:
             "2",
         ],
     }
-    train, batch_size = {"sft": ("sft_data", 4), "reward": ("preferences", 2), "ppo": ("prompts", 4)}[stage]
+    train, batch_size = {
+        "sft": ("sft_data", 4),
+        "reward": ("preferences", 2),
+        "dpo": ("preferences", 2),
+        "ppo": ("prompts", 4),
+    }[stage]
     return [
         "fit",
         *common,
@@ -108,8 +114,8 @@ CRITIC_FREE = ["--model.init_args.advantage_estimator", "rloo", "--model.init_ar
 
 @pytest.mark.parametrize(
     ("stage", "extra"),
-    [("sft", []), ("reward", []), ("ppo", []), ("ppo", CRITIC_FREE)],
-    ids=["sft", "reward", "ppo", "rloo"],
+    [("sft", []), ("reward", []), ("ppo", []), ("ppo", CRITIC_FREE), ("dpo", [])],
+    ids=["sft", "reward", "ppo", "rloo", "dpo"],
 )
 def test_stage_on_two_ddp_processes_keeps_ranks_identical(stage, extra, tiny_exports, tmp_path):
     _run(stage, _stage_args(stage, tiny_exports, tmp_path) + extra, tmp_path, devices=2)

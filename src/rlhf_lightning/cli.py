@@ -3,6 +3,7 @@
     rlhf-lightning sft fit -c configs/sft.yaml
     rlhf-lightning reward fit -c configs/reward.yaml
     rlhf-lightning ppo fit -c configs/ppo.yaml
+    rlhf-lightning dpo fit -c configs/dpo.yaml
     rlhf-lightning pipeline -c configs/pipeline.yaml
     rlhf-lightning evaluate --policy runs/ppo/export ...
 
@@ -18,7 +19,7 @@ import warnings
 from rlhf_lightning.errors import InputError, StageStopped
 from rlhf_lightning.stages import STAGES, run_stage
 
-USAGE = """usage: rlhf-lightning {sft,reward,ppo} {fit,validate} -c CONFIG [--key value ...]
+USAGE = """usage: rlhf-lightning {sft,reward,ppo,dpo} {fit,validate} -c CONFIG [--key value ...]
        rlhf-lightning pipeline -c configs/pipeline.yaml
        rlhf-lightning evaluate --help
 
@@ -26,6 +27,7 @@ Stages of the RLHF recipe (each a LightningCLI; try `rlhf-lightning sft fit --he
   sft       supervised fine-tuning on demonstrations
   reward    reward model from pairwise or K-way ranked preferences
   ppo       PPO against the reward model with a KL penalty to the SFT policy
+  dpo       DPO on the preferences directly: no reward model, no sampling
   pipeline  all three stages, then the evaluation, from one config
   evaluate  win rates, reward-model accuracy, KL and gold-vs-proxy reward of trained policies
 """

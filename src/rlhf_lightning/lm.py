@@ -152,15 +152,16 @@ def response_logprobs(
     return head_logprobs(model, hidden, input_ids[:, start:], temperature, suppress, fp32_head, max_logits)
 
 
-def completion_logprob(model: nn.Module, batch: dict) -> Tensor:
+def completion_logprob(model: nn.Module, batch: dict, fp32_head: bool = False) -> Tensor:
     """``log pi(y|x)`` of each row's response: the sum of its tokens' log-probabilities (temperature 1).
 
     ``batch`` holds right-padded ``input_ids`` and ``attention_mask`` and each row's ``prompt_lengths``,
-    as the preference data collates them. The LM head runs from the shortest prompt on, in row groups.
+    as the preference data collates them. The LM head runs from the shortest prompt on (in row groups
+    without gradients); ``fp32_head`` runs it in float32.
     """
     ids, mask, prompt_lengths = batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"]
     start = max(1, int(prompt_lengths.min()))
-    logprobs = response_logprobs(model, ids, mask, start)
+    logprobs = response_logprobs(model, ids, mask, start, fp32_head=fp32_head)
     positions = torch.arange(start, ids.shape[1], device=ids.device)
     in_response = (positions[None, :] >= prompt_lengths[:, None]) & mask[:, start:].bool()
     return (logprobs * in_response).sum(-1)

@@ -1,4 +1,4 @@
-"""One LightningCLI per stage: ``rlhf-lightning {sft,reward,ppo} {fit,validate} -c CONFIG``.
+"""One LightningCLI per stage: ``rlhf-lightning {sft,reward,ppo,dpo} {fit,validate} -c CONFIG``.
 
 Each stage takes any subclass of its module and DataModule (``model.class_path``), so an experiment
 can swap one component from the YAML. The DataModule's tokenizer is linked to the module's model.
@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.errors import StageStopped
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 class StageCLI(LightningCLI):
@@ -106,6 +106,11 @@ def stage_classes(stage: str):
         from rlhf_lightning.modules.ppo import PPOModule
 
         return PPOModule, PromptDataModule, PPOCLI
+    if stage == "dpo":
+        from rlhf_lightning.data.preference import PreferenceDataModule
+        from rlhf_lightning.modules.dpo import DPOModule
+
+        return DPOModule, PreferenceDataModule, StageCLI
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 

@@ -66,7 +66,7 @@ def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
             pairs.append((offset + winner, offset + loser))
             groups.append(g)
             margins.append(example["margin"] or 0.0)
-    return {
+    batch = {
         "input_ids": pad(sequences, pad_token_id),
         "attention_mask": mask_of(sequences),
         "response_lengths": torch.tensor(lengths, dtype=torch.float),
@@ -75,6 +75,9 @@ def collate_preferences(examples: list[dict], pad_token_id: int) -> dict:
         "groups": torch.tensor(groups, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float),
     }
+    if examples and all("ref_logps" in e for e in examples):  # per-response values a method stored (DPO)
+        batch["ref_logps"] = torch.tensor([v for e in examples for v in e["ref_logps"]], dtype=torch.float)
+    return batch
 
 
 class PreferenceDataModule(TextDataModule):

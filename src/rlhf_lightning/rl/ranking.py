@@ -32,6 +32,11 @@ def ranking_loss(rewards: Tensor, pairs: Tensor, groups: Tensor, margins: Tensor
     per_pair = bradley_terry_loss(
         rewards[pairs[:, 0]], rewards[pairs[:, 1]], 0.0 if margins is None else margins
     )
+    return group_mean(per_pair, groups)
+
+
+def group_mean(per_pair: Tensor, groups: Tensor) -> Tensor:
+    """The mean over prompts of each prompt's mean pair loss (``groups``: the prompt of each pair, 0..G-1)."""
     n_groups = int(groups.max()) + 1
     sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, groups, per_pair)
     counts = torch.bincount(groups, minlength=n_groups).clamp(min=1)
