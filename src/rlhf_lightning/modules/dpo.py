@@ -68,7 +68,9 @@ class DPOModule(FinetuneModule):
         super().__init__(learning_rate=learning_rate, export_dir=export_dir, **kwargs)
         self.reference = None
         if reference is not None or self.hparams.lora is None:
-            self.reference = freeze(load_causal_lm(reference or self.hparams.model, self.hparams.trust_remote_code))
+            self.reference = freeze(
+                load_causal_lm(reference or self.hparams.model, self.hparams.trust_remote_code)
+            )
         names = ("loss", "chosen", "rejected", "accuracies", "logps_chosen", "logps_rejected")
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in names})
 
@@ -120,7 +122,9 @@ class DPOModule(FinetuneModule):
                     example["ref_logps"] = logps[offset : offset + n].tolist()
                     offset += n
         self.reference = None  # every value it would give is stored with the data
-        rank_zero_info(f"DPO: reference log-probabilities precomputed for {len(data.train_data)} training rows")
+        rank_zero_info(
+            f"DPO: reference log-probabilities precomputed for {len(data.train_data)} training rows"
+        )
 
     def _step(self, batch: dict) -> dict[str, Tensor]:
         h = self.hparams
@@ -128,7 +132,9 @@ class DPOModule(FinetuneModule):
         ref_logps = self.reference_logps(batch).float()
         pairs = batch["pairs"]
         margin = batch["margins"] if h.loss_type == "sigmoid" else 0.0
-        per_pair = dpo_loss(logratio_gap(logps, ref_logps, pairs), h.beta, h.loss_type, h.label_smoothing, margin)
+        per_pair = dpo_loss(
+            logratio_gap(logps, ref_logps, pairs), h.beta, h.loss_type, h.label_smoothing, margin
+        )
         rewards = implicit_rewards(logps, ref_logps, h.beta).detach()
         return {
             "loss": group_mean(per_pair, batch["groups"]),
