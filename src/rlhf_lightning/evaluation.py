@@ -180,8 +180,12 @@ def evaluate(
     reward_model: str,
     options: EvaluationOptions | None = None,
     annotator_temperature: float = 0.3,
+    judged: tuple[str, ...] = ("ppo",),
 ) -> dict:
-    """Evaluate ``policies`` (name -> model) against the SFT model; returns every figure of the report."""
+    """Evaluate ``policies`` (name -> model) against the SFT model; returns every figure of the report.
+
+    Win rates (``<judged>_vs_<other>``) are computed for each policy named in ``judged`` over every other.
+    """
     options = options or EvaluationOptions()
     options = replace(
         options,
@@ -232,20 +236,21 @@ def evaluate(
                 for p, t, g, q, f in zip(prompt_texts, s.texts, s.gold, s.proxy, s.finished)
             ],
         }
-    if "ppo" in samples:
+    for judged_name in (name for name in judged if name in samples):
         for other in samples:
-            if other != "ppo":
-                a, b = samples["ppo"].gold, samples[other].gold
-                report["win_rates"][f"ppo_vs_{other}"] = win_rate(a, b)
-                report["win_rate_intervals"][f"ppo_vs_{other}"] = win_rate_interval(a, b, prompt_ids)
-                outcomes = _outcomes(a, b)
-                report.setdefault("outcomes", {})[f"ppo_vs_{other}"] = {
-                    "wins": outcomes.count(1.0),
-                    "ties": outcomes.count(0.5),
-                    "losses": outcomes.count(0.0),
-                }
-                noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
-                report.setdefault("noisy_win_rates", {})[f"ppo_vs_{other}"] = sum(noisy) / len(noisy)
+            if other == judged_name:
+                continue
+            key, a, b = f"{judged_name}_vs_{other}", samples[judged_name].gold, samples[other].gold
+            report["win_rates"][key] = win_rate(a, b)
+            report["win_rate_intervals"][key] = win_rate_interval(a, b, prompt_ids)
+            outcomes = _outcomes(a, b)
+            report.setdefault("outcomes", {})[key] = {
+                "wins": outcomes.count(1.0),
+                "ties": outcomes.count(0.5),
+                "losses": outcomes.count(0.0),
+            }
+            noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
+            report.setdefault("noisy_win_rates", {})[key] = sum(noisy) / len(noisy)
     if options.preferences:
         with inference_autocast(precision=precision):
             report["reward_model_accuracy"] = reward_model_accuracy(rm, tokenizer, options.preferences)
