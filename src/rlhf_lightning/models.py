@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -442,6 +443,17 @@ def save_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextmanager
+def reference_policy(reference: nn.Module | None, policy: nn.Module):
+    """The KL anchor of a policy being trained: the frozen ``reference``, or when there is none (a LoRA
+    policy) the policy itself with its adapter disabled, which is the model it started from."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
 
 
 def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -8,7 +8,6 @@ C(K,2) pairs, each prompt weighing the same (InstructGPT's averaging, as the rew
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -18,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import completion_logprob
-from rlhf_lightning.models import linear_weights_to, load_causal_lm
+from rlhf_lightning.models import linear_weights_to, load_causal_lm, reference_policy
 from rlhf_lightning.modules.base import FinetuneModule
 from rlhf_lightning.modules.ppo_models import freeze
 from rlhf_lightning.rl.dpo import dpo_loss, implicit_rewards, logratio_gap
@@ -84,14 +83,9 @@ class DPOModule(FinetuneModule):
             self.reference.eval()
         return self
 
-    @contextmanager
     def reference_model(self):
-        """The reference policy: a frozen model, or the policy with its LoRA adapter disabled."""
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.model.disable_adapter():
-                yield self.model
+        """The reference policy (a context): a frozen model, or the policy with its LoRA adapter disabled."""
+        return reference_policy(self.reference, self.model)
 
     def setup(self, stage: str) -> None:
         if self.reference is not None:  # under bf16 autocast every frozen matmul is bf16 anyway

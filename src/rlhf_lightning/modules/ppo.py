@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -47,6 +46,7 @@ from rlhf_lightning.models import (
     load_causal_lm,
     load_tokenizer,
     prepare_for_training,
+    reference_policy,
     save_hf,
 )
 from rlhf_lightning.modules.base import adamw
@@ -256,14 +256,9 @@ class PPOModule(LightningModule):
                 frozen.eval()
         return self
 
-    @contextmanager
     def reference_model(self):
-        """The reference policy: a frozen model, or the policy with its LoRA adapter disabled."""
-        if self.reference is not None:
-            yield self.reference
-        else:
-            with self.policy.disable_adapter():
-                yield self.policy
+        """The reference policy (a context): a frozen model, or the policy with its LoRA adapter disabled."""
+        return reference_policy(self.reference, self.policy)
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
