@@ -1,7 +1,7 @@
 """Side-by-side speed and memory of our stages and TRL's on identical inputs.
 
     pip install -e .[benchmark]          # TRL 1.12, the last release with PPOTrainer; benchmark only
-    python scripts/benchmark.py                              # SFT, reward, PPO (4 and 1 epochs)
+    python scripts/benchmark.py                              # SFT, reward, DPO, PPO (4 and 1 epochs)
     python scripts/benchmark.py --stages ppo4 --steps 3 --rounds 1
 
 Every (stage, implementation) pair runs in a fresh process, so peak RSS is that run's own; the pairs
@@ -12,7 +12,8 @@ process loads the same model directory (SmolLM2-135M-Instruct for every role, th
 the previous one to its own end, so data loading, logging and the optimizer are inside.
 
 Settings (equal on both sides, as in the issue's anchor): SFT batch 8 x max length 128; reward 8 pairs,
-max length 128; PPO rollout batch 8, responses up to 32 tokens (stop at EOS), 1 minibatch of 8,
+max length 128; DPO 8 pairs, max length 128, beta 0.1, sigmoid loss, a frozen reference model (with
+``--options '{"precompute_reference": true}'`` ours and TRL's ``precompute_ref_log_probs`` both precompute); PPO rollout batch 8, responses up to 32 tokens (stop at EOS), 1 minibatch of 8,
 4 or 1 PPO epochs, separate critic, temperature 0.7, k1 KL at beta 0.05. ``--precision`` sets ours
 (default: what configs/ ship); ``--trl-precision`` sets TRL's (default fp32, the anchor).
 
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("sft", "reward", "ppo4", "ppo1")
+STAGES = ("sft", "reward", "dpo", "ppo4", "ppo1")
 BATCH, MAX_LENGTH, RESPONSE_LENGTH = 8, 128, 32
 
 
@@ -146,6 +147,7 @@ def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) ->
     from rlhf_lightning.data.preference import PreferenceDataModule
     from rlhf_lightning.data.prompts import PromptDataModule
     from rlhf_lightning.data.sft import SFTDataModule
+    from rlhf_lightning.modules.dpo import DPOModule
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.modules.reward import RewardModule
     from rlhf_lightning.modules.sft import SFTModule
@@ -170,13 +172,15 @@ def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) ->
             clock.tick()
 
     data_args = {"tokenizer": path, "batch_size": BATCH, "max_length": MAX_LENGTH}
-    if stage in ("sft", "reward"):
+    if stage in ("sft", "reward", "dpo"):
         module_class, data_class, rows = {
             "sft": (SFTModule, SFTDataModule, "sft.jsonl"),
             "reward": (RewardModule, PreferenceDataModule, "pairs.jsonl"),
+            "dpo": (DPOModule, PreferenceDataModule, "pairs.jsonl"),
         }[stage]
+        extra = {k: v for k, v in options.items() if k != "gradient_checkpointing"} if stage == "dpo" else {}
         module = module_class(
-            model=path, export_dir=None, gradient_checkpointing=options["gradient_checkpointing"]
+            model=path, export_dir=None, gradient_checkpointing=options["gradient_checkpointing"], **extra
         )
         data = data_class(train=str(folder / rows), **data_args)
     else:
@@ -268,6 +272,32 @@ def trl(stage: str, folder: Path, steps: int, precision: str, options: dict) -> 
         dataset = trainer.train_dataset
         lengths = [len(a) + len(b) for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
         tokens = BATCH * statistics.mean(lengths)
+    elif stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(
+            max_length=MAX_LENGTH,
+            max_steps=steps,
+            learning_rate=5e-7,
+            beta=0.1,
+            loss_type="sigmoid",
+            precompute_ref_log_probs=bool(options.get("precompute_reference", False)),
+            **common,
+        )
+        load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype="float32")  # noqa: E731
+        trainer = DPOTrainer(
+            model=load(),
+            ref_model=load(),
+            args=config,
+            train_dataset=read("pairs.jsonl"),
+            processing_class=tokenizer,
+        )
+        dataset = trainer.train_dataset
+        lengths = [
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+        ]
+        tokens = BATCH * statistics.mean(lengths)
     else:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         import trl.experimental.ppo.ppo_trainer as ppo_trainer
@@ -323,7 +353,7 @@ def trl(stage: str, folder: Path, steps: int, precision: str, options: dict) -> 
         tokens = None
     trainer.add_callback(Clock())
     trainer.train()
-    stats = [{"tokens": tokens}] * steps if stage in ("sft", "reward") else generated
+    stats = [{"tokens": tokens}] * steps if stage in ("sft", "reward", "dpo") else generated
     return {"clock": clock, "stats": stats}
 
 
@@ -364,8 +394,11 @@ def run_worker(impl: str, stage: str, args, inputs: Path) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def step_flops(stage: str, config, stats: list[dict], lengths: dict, critic_body: bool = True) -> float:
-    """Model FLOPs of one iteration (see the module docstring)."""
+def step_flops(
+    stage: str, config, stats: list[dict], lengths: dict, critic_body: bool = True, reference: bool = True
+) -> float:
+    """Model FLOPs of one iteration (see the module docstring); ``reference``: DPO's reference forward is
+    in the step (not precomputed)."""
     if stage == "sft":
         tokens = statistics.mean(s["tokens"] for s in stats)
         prompt = lengths["sft_prompt_tokens"] * BATCH  # the head runs on completion positions only
@@ -373,6 +406,10 @@ def step_flops(stage: str, config, stats: list[dict], lengths: dict, critic_body
     if stage == "reward":
         tokens = statistics.mean(s["tokens"] for s in stats)
         return 3 * forward_flops(config, tokens, tokens / (2 * BATCH), 0)
+    if stage == "dpo":  # 2 x BATCH sequences; the head reads response positions only
+        tokens = statistics.mean(s["tokens"] for s in stats)
+        head = tokens - 2 * BATCH * lengths["sft_prompt_tokens"]
+        return (3 + reference) * forward_flops(config, tokens, tokens / (2 * BATCH), head)
     epochs = int(stage[3:])
     response = statistics.mean(s["response_length"] for s in stats if "response_length" in s)
     prompt = lengths["ppo_prompt_tokens"]
@@ -399,7 +436,11 @@ def main() -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="on both sides (TRL's own default is on)"
     )
-    parser.add_argument("--options", default="{}", help="JSON of extra PPOModule arguments (ours)")
+    parser.add_argument(
+        "--options",
+        default="{}",
+        help="JSON of extra PPOModule / DPOModule arguments (ours; precompute_reference: both)",
+    )
     parser.add_argument("--impls", nargs="+", default=["ours", "trl"], choices=("ours", "trl"))
     parser.add_argument("--out", default="runs/benchmark/results.json")
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -441,7 +482,8 @@ def main() -> None:
                 not options.get("share_critic_backbone", False)
                 and options.get("advantage_estimator", "gae") == "gae"
             )
-            flops = step_flops(stage, config, stats, lengths, critic_body)
+            precomputed = bool(json.loads(args.options).get("precompute_reference", False))
+            flops = step_flops(stage, config, stats, lengths, critic_body, reference=not precomputed)
             precision = args.precision if impl == "ours" else args.trl_precision
             row[impl] = {
                 "precision": precision,
@@ -451,7 +493,7 @@ def main() -> None:
                 "samples_per_s": BATCH / median,
                 "tokens_per_s": (
                     statistics.mean(s["tokens"] for s in stats) / median
-                    if stage in ("sft", "reward")
+                    if stage in ("sft", "reward", "dpo")
                     else BATCH
                     * statistics.mean(s["response_length"] for s in stats if "response_length" in s)
                     / median
@@ -505,6 +547,7 @@ def table(results: list[dict]) -> str:
     names = {
         "sft": "SFT step",
         "reward": "reward step",
+        "dpo": "DPO step",
         "ppo4": "PPO update, 4 epochs",
         "ppo1": "PPO update, 1 epoch",
     }

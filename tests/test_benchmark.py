@@ -46,6 +46,15 @@ def test_a_shared_critic_or_none_needs_fewer_flops_than_a_separate_one(bench):
     assert separate - shared == pytest.approx(critic * (1 + 4 * 3))  # one rollout forward + 4 epochs fwd/bwd
 
 
+def test_dpo_step_flops_count_the_reference_forward_unless_precomputed(bench):
+    stats = [{"tokens": 16 * 50.0}]  # 8 pairs = 16 sequences of 50 tokens, 30 of them prompt
+    lengths = {"sft_prompt_tokens": 30.0}
+    live = bench.step_flops("dpo", CONFIG, stats, lengths)
+    precomputed = bench.step_flops("dpo", CONFIG, stats, lengths, reference=False)
+    forward = bench.forward_flops(CONFIG, 800, 50, 16 * 20)  # the head on the 20 response positions per row
+    assert live == pytest.approx(4 * forward) and precomputed == pytest.approx(3 * forward)
+
+
 def test_clock_times_and_table(bench):
     clock = bench.StepClock()
     clock.marks = [0.0, 1.0, 3.0, 6.0]
