@@ -80,3 +80,15 @@ def test_nonfinite_counter_stops_after_the_limit_in_a_row_and_round_trips():
     restored = NonFiniteCounter(limit=2)
     restored.load_state_dict(counter.state_dict())
     assert restored.state_dict() == counter.state_dict()
+
+
+def test_iterations_in_fit_is_bounded_by_epochs_or_optimizer_steps():
+    from rlhf_lightning.errors import ConfigurationError
+    from rlhf_lightning.modules.ppo_models import iterations_in_fit
+
+    assert iterations_in_fit(2, 8, None, 0, 4, 8) == 16  # 8 batches x 2 epochs
+    # 32 episodes in minibatches of 8 x 2 PPO epochs = 8 optimizer steps per iteration: 20 steps end it in 3
+    assert iterations_in_fit(2, 8, 20, 32, 2, 8) == 3
+    assert iterations_in_fit(-1, 8, 80, 32, 2, 8) == 10
+    with pytest.raises(ConfigurationError, match="needs a bounded run"):
+        iterations_in_fit(-1, 8, -1, 32, 2, 8)

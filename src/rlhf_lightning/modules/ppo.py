@@ -18,7 +18,6 @@ multi-turn rollouts.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -50,12 +49,14 @@ from rlhf_lightning.models import (
     save_hf,
 )
 from rlhf_lightning.modules.base import adamw
+from rlhf_lightning.modules.ppo_logging import log_iteration
 from rlhf_lightning.modules.ppo_models import (
     check_estimator,
     check_vocabularies,
     critic_and_value_head,
     describe_iteration,
     freeze,
+    iterations_in_fit,
     reward_source,
 )
 from rlhf_lightning.modules.ppo_rollout import (
@@ -305,20 +306,11 @@ class PPOModule(LightningModule):
 
     def total_iterations(self) -> int:
         """PPO iterations in this fit: batches x epochs, fewer if ``trainer.max_steps`` (optimizer steps) ends it."""
-        trainer = self.trainer
-        total = math.inf
-        if trainer.max_epochs not in (None, -1):
-            total = trainer.num_training_batches * trainer.max_epochs
-        if trainer.max_steps not in (None, -1):
-            batch = trainer.datamodule.batch_size * self.hparams.samples_per_prompt
-            per_iteration = self.hparams.ppo_epochs * math.ceil(batch / self.hparams.minibatch_size)
-            total = min(total, math.ceil(trainer.max_steps / per_iteration))
-        if math.isinf(total):
-            raise ConfigurationError(
-                "PPO needs a bounded run for its learning-rate schedule: set trainer.max_epochs "
-                "(with trainer.limit_train_batches for the iterations per epoch) or trainer.max_steps"
-            )
-        return int(total)
+        t, h = self.trainer, self.hparams
+        episodes = t.datamodule.batch_size * h.samples_per_prompt if t.max_steps not in (None, -1) else 0
+        return iterations_in_fit(
+            t.max_epochs, t.num_training_batches, t.max_steps, episodes, h.ppo_epochs, h.minibatch_size
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
@@ -477,7 +469,6 @@ class PPOModule(LightningModule):
         n = len(experience)
         self.rollouts += 1
         self.episodes += n * self.trainer.world_size
-        learning_rates = [group["lr"] for group in self.optimizers().param_groups]
         if not skipped:
             # every rank steers beta with the KL of the global batch, so all ranks shape rewards alike
             count = torch.tensor(float(n), device=self.device)
@@ -486,28 +477,7 @@ class PPOModule(LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-        metrics = {
-            **experience.metrics(),
-            "objective/kl_coef": torch.tensor(self.kl_controller.value),
-            "lr": torch.tensor(learning_rates[0]),
-            "episode": torch.tensor(float(self.episodes)),
-            "rollouts": torch.tensor(float(self.rollouts)),
-            "nonfinite/rollouts_skipped": torch.tensor(float(self.nonfinite.rollouts)),
-            "time/rollout_s": torch.tensor(rollout_time),
-            "time/optimize_s": torch.tensor(optimize_time),
-            **stats,
-        }
-        if self.value_head is not None:
-            metrics["lr_critic"] = torch.tensor(learning_rates[-1])
-        metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
-        same_on_all_ranks = ("episode", "rollouts", "objective/kl_coef", "lr", "lr_critic")
-        sync = {k: v for k, v in metrics.items() if k not in same_on_all_ranks}
-        self.log_dict(sync, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
-        eos = (experience.responses == self.tokenizer.eos_token_id).sum().float()
-        self.log("val/num_eos_tokens", eos, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
-        self.log_dict(
-            {k: metrics[k] for k in metrics.keys() - sync.keys()}, on_step=True, on_epoch=False, batch_size=n
-        )
+        log_iteration(self, experience, stats, rollout_time, optimize_time)
         self.last_rollout = experience  # for the sample-table and gold-judge callbacks
 
     # -- validation: preference accuracy on held-out pairs ---------------------------------------

@@ -148,6 +148,24 @@ def describe_iteration(estimator: str, prompts: int, k: int, minibatch: int, epo
     )
 
 
+def iterations_in_fit(
+    max_epochs: int | None, batches: int, max_steps: int | None, episodes: int, epochs: int, minibatch: int
+) -> int:
+    """PPO iterations in a fit: ``batches`` x ``max_epochs``, fewer if ``max_steps`` optimizer steps (each
+    iteration takes ``epochs`` x ceil(``episodes`` / ``minibatch``)) end it first; an error if neither bounds it."""
+    total = math.inf
+    if max_epochs not in (None, -1):
+        total = batches * max_epochs
+    if max_steps not in (None, -1):
+        total = min(total, math.ceil(max_steps / (epochs * math.ceil(episodes / minibatch))))
+    if math.isinf(total):
+        raise ConfigurationError(
+            "PPO needs a bounded run for its learning-rate schedule: set trainer.max_epochs "
+            "(with trainer.limit_train_batches for the iterations per epoch) or trainer.max_steps"
+        )
+    return int(total)
+
+
 def check_vocabularies(**models: nn.Module | None) -> None:
     """Every model reads the same token ids: PPO feeds one tokenizer's ids to all of them."""
     sizes = {
