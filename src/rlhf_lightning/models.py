@@ -445,6 +445,18 @@ def save_hf(
     return final
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` with no trainable parameter, in eval mode (a reference or reward model)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The dtype of a frozen model's linear weights under a Lightning ``precision``: bf16 under
+    ``bf16-mixed`` (autocast would cast every frozen matmul to bf16 anyway), fp32 under any other."""
+    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+
+
 @contextmanager
 def reference_policy(reference: nn.Module | None, policy: nn.Module):
     """The KL anchor of a policy being trained: the frozen ``reference``, or when there is none (a LoRA

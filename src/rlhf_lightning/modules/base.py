@@ -36,6 +36,18 @@ def adamw(
     return torch.optim.AdamW(param_groups, eps=eps, fused=fused)
 
 
+def drop_frozen(checkpoint: dict, prefixes: tuple[str, ...]) -> None:
+    """Leave the frozen models' weights (state-dict keys starting with ``prefixes``) out of a checkpoint
+    being saved: they are loaded again from their names."""
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+
+def refill_frozen(module: nn.Module, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
+    """Put ``module``'s own frozen weights into a checkpoint being loaded, so the rest loads strictly."""
+    checkpoint["state_dict"].update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes)})
+
+
 class FinetuneModule(LightningModule):
     """A Hugging Face backbone fine-tuned with AdamW and exported in Hugging Face format at the end of fit.
 

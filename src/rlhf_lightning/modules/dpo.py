@@ -17,13 +17,12 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import completion_logprob
-from rlhf_lightning.models import linear_weights_to, load_causal_lm, reference_policy
-from rlhf_lightning.modules.base import FinetuneModule
-from rlhf_lightning.modules.ppo_models import freeze
+from rlhf_lightning.models import freeze, frozen_dtype, linear_weights_to, load_causal_lm, reference_policy
+from rlhf_lightning.modules.base import FinetuneModule, drop_frozen, refill_frozen
 from rlhf_lightning.rl.dpo import dpo_loss, implicit_rewards, logratio_gap
 from rlhf_lightning.rl.ranking import group_mean, pair_accuracy
 
-REFERENCE_PREFIX = "reference."  # state-dict keys of the frozen reference: never checkpointed
+REFERENCE_PREFIX = ("reference.",)  # state-dict keys of the frozen reference: never checkpointed
 
 
 class DPOModule(FinetuneModule):
@@ -88,9 +87,8 @@ class DPOModule(FinetuneModule):
         return reference_policy(self.reference, self.model)
 
     def setup(self, stage: str) -> None:
-        if self.reference is not None:  # under bf16 autocast every frozen matmul is bf16 anyway
-            bf16 = str(self.trainer.precision) == "bf16-mixed"
-            linear_weights_to(self.reference, torch.bfloat16 if bf16 else torch.float32)
+        if self.reference is not None:
+            linear_weights_to(self.reference, frozen_dtype(str(self.trainer.precision)))
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> Tensor:
@@ -173,10 +171,7 @@ class DPOModule(FinetuneModule):
             metric.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(REFERENCE_PREFIX)}
+        drop_frozen(checkpoint, REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # the reference is loaded from its name, not the checkpoint: fill it in so the rest loads strictly
-        reference = {k: v for k, v in self.state_dict().items() if k.startswith(REFERENCE_PREFIX)}
-        checkpoint["state_dict"].update(reference)
+        refill_frozen(self, checkpoint, REFERENCE_PREFIX)

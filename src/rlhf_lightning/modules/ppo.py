@@ -41,6 +41,8 @@ from rlhf_lightning.lm import (
 )
 from rlhf_lightning.models import (
     LoraOptions,
+    freeze,
+    frozen_dtype,
     linear_weights_to,
     load_causal_lm,
     load_tokenizer,
@@ -48,14 +50,13 @@ from rlhf_lightning.models import (
     reference_policy,
     save_hf,
 )
-from rlhf_lightning.modules.base import adamw
+from rlhf_lightning.modules.base import adamw, drop_frozen, refill_frozen
 from rlhf_lightning.modules.ppo_logging import log_iteration
 from rlhf_lightning.modules.ppo_models import (
     check_estimator,
     check_vocabularies,
     critic_and_value_head,
     describe_iteration,
-    freeze,
     iterations_in_fit,
     reward_source,
 )
@@ -264,11 +265,9 @@ class PPOModule(LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
-        # Under bf16 autocast every frozen matmul is bf16 anyway; any other precision needs fp32 weights.
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
         for frozen in (self.reference, self.reward_model):
             if frozen is not None:
-                linear_weights_to(frozen, dtype)
+                linear_weights_to(frozen, frozen_dtype(precision))
         if stage != "fit":
             return
         if precision.startswith("16"):
@@ -313,9 +312,7 @@ class PPOModule(LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
-        }
+        drop_frozen(checkpoint, FROZEN_PREFIXES)
         checkpoint["ppo_state"] = {
             "rollouts": self.rollouts,
             "episodes": self.episodes,
@@ -328,11 +325,7 @@ class PPOModule(LightningModule):
         self.rollouts = state.get("rollouts", 0)
         self.episodes = state.get("episodes", 0)
         self.nonfinite.load_state_dict(state)
-        # frozen models are not in checkpoints (they are loaded from their names): fill them in so the
-        # rest of the state dict still loads strictly
-        checkpoint["state_dict"].update(
-            {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
-        )
+        refill_frozen(self, checkpoint, FROZEN_PREFIXES)
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
 

@@ -16,13 +16,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from rlhf_lightning.errors import ConfigurationError
-from rlhf_lightning.models import backbone, load_reward_model, score_head
+from rlhf_lightning.models import backbone, freeze, load_reward_model, score_head
 from rlhf_lightning.modules.reward import STATS_FILE
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def read_reward_stats(path: str) -> dict | None:
