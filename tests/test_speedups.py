@@ -4,6 +4,8 @@
 - frozen models stored in bf16 = fp32 weights under bf16 autocast (bit for bit);
 - bf16 autocast log-probs = fp32 ones within 0.08 nats per token on average (the real model);
 - PPO's one-network-at-a-time backward = one backward of the summed loss;
+- the fused LM-head log-probs (logits recomputed in the backward) = the plain autograd graph, values
+  and gradients within float32 rounding;
 - bf16 PPO = fp32 PPO within 2% on the statistics of an iteration, with every minibatch on the
   weights the previous step left and the rollout's weight-cast cache dropped before the update.
 """
@@ -16,7 +18,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from rlhf_lightning.lm import response_logits, response_logprobs
+from rlhf_lightning.lm import (
+    completion_logprob,
+    head_logprobs,
+    logprobs_from_logits,
+    response_logits,
+    response_logprobs,
+)
 from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_lightning.modules.base import adamw
 from rlhf_lightning.modules.ppo import PPOModule, linear_weights_to
@@ -223,3 +231,57 @@ def test_first_rollout_calibrates_the_value_bias_to_zero_mean_error(tmp_path):
     shifted = module.value_head.bias.detach().clone()
     module.rollout(batch)
     assert torch.equal(module.value_head.bias, shifted)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "suppress", "autocast"), [(1.0, None, False), (0.7, 0, False), (0.7, 0, True)]
+)
+def test_fused_head_logprobs_match_the_plain_graph(temperature, suppress, autocast):
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny:llama")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(1, model.config.vocab_size, (3, 9))
+    ids[1, -2:] = 0  # the suppressed (pad) token fills a few positions, as after EOS
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight  # tied: both paths must add up
+    grads = []
+    for m, fused in ((model, True), (twin, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = m.model(input_ids=ids).last_hidden_state[:, :-1]
+            if fused:  # a small row group, so the backward walks several groups
+                logp = head_logprobs(
+                    m, hidden, ids[:, 1:], temperature, suppress, fp32_head=True, max_logits=4 * 256
+                )
+            else:
+                with torch.autocast("cpu", enabled=False):
+                    logits = torch.nn.functional.linear(
+                        hidden.float(), m.get_output_embeddings().weight.float()
+                    )
+                logp = logprobs_from_logits(logits, ids[:, 1:], temperature, suppress)
+        weights = torch.linspace(-1, 1, logp.numel()).view_as(
+            logp
+        )  # a loss that weighs positions differently
+        (logp * weights).sum().backward()
+        grads.append((logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (fused_logp, fused_grads), (plain_logp, plain_grads) = grads
+    torch.testing.assert_close(fused_logp, plain_logp, rtol=1e-5, atol=1e-5)
+    if suppress is not None:
+        assert (fused_logp[1, -2:] == 0).all()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_completion_logprob_with_gradients_uses_the_fused_head_and_keeps_the_numbers():
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny:llama")
+    batch = {
+        "input_ids": torch.randint(1, model.config.vocab_size, (4, 12)),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        "prompt_lengths": torch.tensor([3, 5, 4, 6]),
+    }
+    batch["attention_mask"][2, 9:] = 0
+    with torch.no_grad():  # the row-group path without gradients: the reference numbers
+        expected = completion_logprob(model, batch, fp32_head=True)
+    got = completion_logprob(model, batch, fp32_head=True)
+    assert got.grad_fn is not None
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,79 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0, suppress: int 
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
+class _FusedHeadLogprobs(torch.autograd.Function):
+    """``logit[token] - logsumexp(logits)`` of a linear LM head, in float32, over row groups, with a
+    backward that recomputes each group's logits instead of keeping them.
+
+    The plain autograd graph keeps the fp32 logits of every position for the backward of ``logsumexp``
+    and then builds their gradient and a softmax of the same size: for a DPO batch of 16 sequences of
+    100 tokens over a 49k vocabulary that is three tensors of 0.3 GB. Here only the hidden states and
+    one log-normaliser per position are kept; the backward forms ``(onehot - softmax) * grad`` one group
+    at a time, at the cost of one more head matmul. The gradients are those of the plain graph (test:
+    ``tests/test_speedups.py``).
+    """
+
+    @staticmethod
+    def _logits(
+        hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, suppress: int | None
+    ):
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = F.linear(hidden.float(), weight, bias)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        if suppress is not None:
+            logits[:, suppress] = float("-inf")
+        return logits
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, suppress, rows):
+        w, b = weight.float(), None if bias is None else bias.float()
+        out = torch.empty(hidden.shape[0], device=hidden.device)
+        lse = torch.empty_like(out)
+        for begin in range(0, hidden.shape[0], rows):
+            end = begin + rows
+            logits = _FusedHeadLogprobs._logits(hidden[begin:end], w, b, temperature, suppress)
+            lse[begin:end] = torch.logsumexp(logits, dim=-1)
+            out[begin:end] = logits.gather(-1, tokens[begin:end, None]).squeeze(-1) - lse[begin:end]
+            del logits
+        if suppress is not None:
+            out.masked_fill_(tokens == suppress, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.suppress, ctx.rows = temperature, suppress, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        t, suppress, rows = ctx.temperature, ctx.suppress, ctx.rows
+        g = grad_out.float() if suppress is None else grad_out.float().masked_fill(tokens == suppress, 0.0)
+        w, b = weight.float(), None if bias is None else bias.float()
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(w) if need_weight else None
+        grad_bias = torch.zeros_like(b) if need_bias else None
+        for begin in range(0, hidden.shape[0], rows):
+            end = begin + rows
+            h = hidden[begin:end].float()
+            d = _FusedHeadLogprobs._logits(hidden[begin:end], w, b, t, suppress)
+            d.sub_(lse[begin:end, None]).exp_().mul_(-g[begin:end, None])  # -softmax * grad
+            d.scatter_add_(-1, tokens[begin:end, None], g[begin:end, None])  # + onehot * grad
+            if t != 1.0:
+                d.div_(t)
+            if need_hidden:
+                grad_hidden[begin:end] = (d @ w).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(d.T, h)
+            if need_bias:
+                grad_bias += d.sum(0)
+            del d, h
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
 def head_logprobs(
     model: nn.Module,
     hidden: Tensor,
@@ -120,9 +193,26 @@ def head_logprobs(
     vocabulary entries (32 MiB in fp32 by default; the softmax and entropy make a few temporaries of that
     size), so memory stays flat however large the batch: a PPO
     rollout of 32 responses of 48 tokens over a 49k vocabulary would otherwise materialise 0.3 GB of
-    logits and several temporaries of that size (1 GB, the PPO stage's memory peak).
+    logits and several temporaries of that size (1 GB, the PPO stage's memory peak). With gradients, an
+    fp32 head that is a plain linear layer, and no entropy, the same row groups are used by
+    :class:`_FusedHeadLogprobs`, whose backward recomputes each group's logits instead of keeping them.
     """
-    per_row = max(1, tokens.shape[1] * lm_head(model).out_features)
+    head = lm_head(model)
+    vocab = head.out_features
+    if torch.is_grad_enabled() and fp32_head and not with_entropy and type(head) is nn.Linear:
+        flat_tokens = tokens.reshape(-1)
+        rows = max(1, max_logits // vocab)
+        flat = _FusedHeadLogprobs.apply(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            head.bias,
+            flat_tokens,
+            temperature,
+            suppress,
+            rows,
+        )
+        return flat.view(tokens.shape)
+    per_row = max(1, tokens.shape[1] * vocab)
     rows = max(1, max_logits // per_row) if not torch.is_grad_enabled() else tokens.shape[0]
     logprobs, entropies = [], []
     for h, t in zip(hidden.split(rows), tokens.split(rows)):
