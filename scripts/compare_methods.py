@@ -28,7 +28,7 @@ import yaml
 
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
-from rlhf_lightning.pipeline import write_stage_config
+from rlhf_lightning.pipeline import sample_like_ppo, write_stage_config
 from rlhf_lightning.report import finish_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,12 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             else train(method, run, out, args.budget_min * 60, Path(args.config_dir).resolve())
         )
     sft, reward = run / "sft" / "export", run / "reward" / "export"
-    ppo = yaml.safe_load((Path(args.config_dir) / "ppo.yaml").read_text())["model"]["init_args"]
-    options = EvaluationOptions(  # sampled as PPO samples, as the pipeline's evaluation does
-        prompts=args.eval_prompts,
-        preferences=None,
-        max_new_tokens=ppo.get("max_new_tokens", 32),  # PPOModule's defaults
-        temperature=ppo.get("temperature", 0.7),
+    options = sample_like_ppo(  # as the pipeline's evaluation does
+        EvaluationOptions(prompts=args.eval_prompts, preferences=None), Path(args.config_dir) / "ppo.yaml"
     )
     policies = {m: str(out / m / "export") for m in args.methods} | {"sft": str(sft)}
     temperature = load_manifest()["annotator"]["temperature"]

@@ -1,10 +1,19 @@
-"""The KL trade-off: PPO at several KL coefficients on a short budget, gold and proxy reward against KL.
+"""The KL trade-off: PPO at several KL coefficients, gold and proxy reward against KL.
 
-    python scripts/kl_study.py --run_dir runs/pipeline --betas 0 0.05 0.2 0.5 --iterations 6
+    python scripts/kl_study.py --run_dir runs/pipeline --betas 0 0.05 0.2 --iterations 8 \
+        --extra --model.init_args.learning_rate 5e-5
 
 Uses the SFT and reward exports of a finished pipeline run (``<run_dir>/{sft,reward}/export``), trains
-one PPO policy per beta from ``configs/ppo.yaml`` (only the KL coefficient and the number of iterations
-change), evaluates each on the held-out prompts, and writes ``<out>/kl_study.{json,png}``.
+one PPO policy per beta from ``configs/ppo.yaml`` (the KL coefficient, the number of iterations and the
+``--extra`` overrides change), then judges every policy and SFT in one evaluation on the held-out
+prompts, sampled as the PPO config samples (SFT is sampled once, not once per beta).
+
+Writes ``<out>/kl_study.{json,png}``. The figure has two panels: the held-out change in gold and proxy
+score over SFT against KL, one point per beta, where reward hacking shows as a proxy that gains while
+gold does not (Gao et al. 2022); and, per beta, the gold win rate over SFT on the fixed validation
+prompts during training (the ``GoldJudge`` callback's ``gold/win_rate`` in TensorBoard) against episodes.
+The rollouts' own scores are not used for curves: each iteration samples different training prompts,
+whose difficulty moves the scores as much as training does.
 """
 
 from __future__ import annotations
@@ -15,36 +24,75 @@ from pathlib import Path
 
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate
-from rlhf_lightning.pipeline import write_stage_config
-from rlhf_lightning.report import finish_figure
+from rlhf_lightning.pipeline import sample_like_ppo, write_stage_config
+from rlhf_lightning.report import read_scalars
 from rlhf_lightning.stages import run_stage
 
 
-def plot(results: list[dict], path: Path) -> None:
+def name_of(beta: float) -> str:
+    return f"beta_{beta:g}"
+
+
+def in_run_curves(tb_dir: Path) -> dict[str, list[float]]:
+    """The ``GoldJudge`` verdicts of one PPO run: gold win rate over SFT on the validation prompts, with
+    its 95% interval, against the episodes trained on so far."""
+    scalars = read_scalars(tb_dir)
+
+    def series(tag: str) -> dict[int, float]:
+        return dict(scalars.get(tag, []))
+
+    episodes = series("episode")
+    win, low, high = (series(f"gold/win_rate{t}") for t in ("", "_low", "_high"))
+    steps = sorted(set(win) & set(episodes))
+    return {
+        "episodes": [episodes[s] for s in steps],
+        "win_rate": [win[s] for s in steps],
+        "low": [low[s] for s in steps],
+        "high": [high[s] for s in steps],
+    }
+
+
+def plot(results: list[dict], sft: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, (held, run) = plt.subplots(1, 2, figsize=(10.5, 3.8))
     kl = [r["kl_to_sft"] for r in results]
-    ax.plot(kl, [r["gold_score"] for r in results], "o-", label="gold (annotator)")
-    ax.plot(kl, [r["proxy_score"] for r in results], "s--", label="proxy (reward model)")
+    held.plot(
+        kl, [r["gold_score"] - sft["gold_score"] for r in results], "o-", color="tab:blue", label="gold"
+    )
+    held.set_ylabel("gold - SFT's gold", color="tab:blue")
+    proxy_axis = held.twinx()
+    proxy_axis.plot(
+        kl, [r["proxy_score"] - sft["proxy_score"] for r in results], "s--", color="tab:orange", label="proxy"
+    )
+    proxy_axis.set_ylabel("proxy - SFT's proxy", color="tab:orange")
     for r in results:
-        ax.annotate(
-            f"β={r['beta']:g}",
-            (r["kl_to_sft"], r["gold_score"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
-    ax.axhline(results[0]["sft_gold"], color="grey", lw=0.8, ls=":", label="SFT gold")
-    ax.set_xlabel("KL(policy || SFT) per response (nats)")
-    ax.set_ylabel("mean score on held-out prompts")
-    finish_figure(fig, ax, path)
+        held.annotate(f"β={r['beta']:g}", (r["kl_to_sft"], r["gold_score"] - sft["gold_score"]), fontsize=8,
+                      textcoords="offset points", xytext=(4, 4))  # fmt: skip
+    held.axhline(0, color="grey", lw=0.8, ls=":")
+    held.set_xlabel("KL(policy || SFT) per response, held-out prompts")
+    held.set_title("held-out prompts, end of training", fontsize=9)
+    held.grid(alpha=0.3)
+    for i, r in enumerate(results):
+        c = r["curves"]
+        run.errorbar(c["episodes"], c["win_rate"], yerr=[[w - lo for w, lo in zip(c["win_rate"], c["low"])],
+                     [hi - w for w, hi in zip(c["win_rate"], c["high"])]], fmt="o-", ms=3, capsize=2,
+                     color=f"C{i}", alpha=0.8, label=f"β={r['beta']:g}")  # fmt: skip
+    run.axhline(0.5, color="grey", lw=0.8, ls=":")
+    run.set_xlabel("episodes")
+    run.set_ylabel("gold win rate over SFT [95%]")
+    run.set_title("during training, validation prompts (GoldJudge)", fontsize=9)
+    run.grid(alpha=0.3)
+    run.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,38 +101,56 @@ def main() -> None:
     )
     parser.add_argument("--out", default="runs/kl_study")
     parser.add_argument("--ppo_config", default="configs/ppo.yaml")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.2, 0.5])
-    parser.add_argument("--iterations", type=int, default=6, help="PPO iterations per beta")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05, 0.2])
+    parser.add_argument("--iterations", type=int, default=8, help="PPO iterations per beta")
     parser.add_argument("--samples_per_prompt", type=int, default=1)
     parser.add_argument("--eval_prompts", default="bundled:eval_prompts", help="held-out prompts to judge on")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="more overrides for the PPO stage"
+    )
+    args = parser.parse_args(argv)
     run, out = Path(args.run_dir), Path(args.out)
     sft, reward = run / "sft" / "export", run / "reward" / "export"
-    options = EvaluationOptions(
-        prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt, preferences=None
+    options = sample_like_ppo(  # as the pipeline's evaluation does
+        EvaluationOptions(
+            prompts=args.eval_prompts, samples_per_prompt=args.samples_per_prompt, preferences=None
+        ),
+        Path(args.ppo_config),
     )
-    temperature = load_manifest()["annotator"]["temperature"]
-    results = []
     for beta in args.betas:
-        name = f"beta_{beta:g}"
-        export = out / name / "export"
+        export = out / name_of(beta) / "export"
         if not (export / "config.json").exists():
             inputs = {"policy": str(sft), "reward_model": str(reward), "kl_coef": beta}
-            config = write_stage_config(args.ppo_config, out / name, out / "tb", name, inputs, export)
+            config = write_stage_config(
+                args.ppo_config, out / name_of(beta), out / "tb", name_of(beta), inputs, export
+            )
             iterations = str(args.iterations)
-            run_stage("ppo", ["fit", "-c", str(config), "--trainer.limit_train_batches", iterations,
-                              "--trainer.val_check_interval", iterations])  # fmt: skip
-        report = evaluate({"ppo": str(export), "sft": str(sft)}, str(sft), str(reward), options, temperature)
-        ppo = report["policies"]["ppo"]
-        results.append({"beta": beta, "kl_to_sft": ppo["kl_to_sft"], "gold_score": ppo["gold_score"],
-                        "proxy_score": ppo["proxy_score"], "eos_rate": ppo["eos_rate"],
-                        "win_rate_vs_sft": report["win_rates"]["ppo_vs_sft"],
-                        "win_rate_interval": report["win_rate_intervals"]["ppo_vs_sft"],
-                        "sft_gold": report["policies"]["sft"]["gold_score"]})  # fmt: skip
-        print(json.dumps(results[-1]))
+            run_stage(
+                "ppo", ["fit", "-c", str(config), "--trainer.limit_train_batches", iterations, *args.extra]
+            )
+    names = [name_of(b) for b in args.betas]
+    policies = {n: str(out / n / "export") for n in names} | {"sft": str(sft)}
+    temperature = load_manifest()["annotator"]["temperature"]
+    report = evaluate(policies, str(sft), str(reward), options, temperature, judged=tuple(names))
+    results = []
+    for beta, name in zip(args.betas, names):
+        p = report["policies"][name]
+        gold = [e["gold"] for e in p["examples"]]
+        mean = sum(gold) / len(gold)
+        gold_se = (sum((g - mean) ** 2 for g in gold) / len(gold)) ** 0.5 / len(gold) ** 0.5
+        results.append({"beta": beta, **{k: p[k] for k in ("kl_to_sft", "gold_score", "proxy_score", "eos_rate")},
+                        "gold_score_se": gold_se,
+                        "win_rate_vs_sft": report["win_rates"][f"{name}_vs_sft"],
+                        "win_rate_interval": report["win_rate_intervals"][f"{name}_vs_sft"],
+                        "outcomes": report["outcomes"][f"{name}_vs_sft"],
+                        "curves": in_run_curves(out / "tb" / name)})  # fmt: skip
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "curves"}))
+    sft_row = {k: report["policies"]["sft"][k] for k in ("gold_score", "proxy_score", "eos_rate")}
+    summary = {"n_prompts": report["n_prompts"], "iterations": args.iterations, "extra": args.extra,
+               "sft": sft_row, "results": results}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kl_study.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "kl_study.png")
+    (out / "kl_study.json").write_text(json.dumps(summary, indent=2))
+    plot(results, sft_row, out / "kl_study.png")
     print(f"wrote {out / 'kl_study.json'} and {out / 'kl_study.png'}")
 
 

@@ -11,7 +11,9 @@ import pytest
 from rlhf_lightning.annotator import (
     INSTRUCTGPT_AGREEMENT,
     SimulatedAnnotator,
+    accuracy_with_error,
     calibrate_temperature,
+    error_for_accuracy,
     expected_agreement,
     truth_agreement,
 )
@@ -63,6 +65,28 @@ def test_calibration_hits_the_target_agreement():
     p = truth_agreement(gaps, temperature)
     assert 0.8 < p < 0.86
     assert calibrate_temperature(gaps, 0.9) < temperature  # less noise, more agreement
+
+
+def test_accuracy_with_gaussian_error_by_hand_and_by_simulation():
+    # one pair with gap 1 and error sd 1 per score: the difference's error has sd sqrt(2),
+    # so the order is right with probability Phi(1 / sqrt(2)) = 0.76025
+    assert accuracy_with_error([1.0], 1.0) == pytest.approx(0.760250, abs=1e-6)
+    assert accuracy_with_error([1.0, -1.0, 0.0], 1.0) == pytest.approx(0.760250, abs=1e-6)  # ties left out
+    assert accuracy_with_error([0.3], 0.0) == 1.0
+    rng = random.Random(0)
+    gaps = [rng.gauss(0, 0.6) for _ in range(200)]
+    simulated = sum(
+        (g + rng.gauss(0, 0.4)) - rng.gauss(0, 0.4) > 0
+        if g > 0
+        else (g + rng.gauss(0, 0.4)) - rng.gauss(0, 0.4) < 0
+        for g in gaps * 100
+    ) / (len(gaps) * 100)
+    assert accuracy_with_error(gaps, 0.4) == pytest.approx(simulated, abs=0.005)
+    sigma = error_for_accuracy(gaps, 0.8)
+    assert accuracy_with_error(gaps, sigma) == pytest.approx(0.8, abs=1e-6)
+    assert error_for_accuracy(gaps, 0.9) < sigma  # higher accuracy, smaller error
+    with pytest.raises(ValueError):
+        error_for_accuracy(gaps, 0.4)
 
 
 def test_two_labels_of_a_pair_agree_as_often_as_instructgpt_labelers():

@@ -199,3 +199,28 @@ def calibrate_temperature(gaps: Sequence[float], target: float = INSTRUCTGPT_AGR
         else:
             high = mid
     return math.sqrt(low * high)
+
+
+def accuracy_with_error(gaps: Sequence[float], sigma: float) -> float:
+    """Expected pairwise accuracy of a score equal to the gold score plus independent Gaussian error of
+    standard deviation ``sigma`` (gold units), over pairs with gold gaps ``gaps``: the mean of
+    ``Phi(|gap| / (sigma * sqrt(2)))``. Reads a reward model's accuracy as an error on the gold scale.
+    Tied pairs are left out."""
+    gaps = [abs(g) for g in gaps if g != 0]
+    if sigma <= 0:
+        return 1.0
+    return sum(0.5 * (1.0 + math.erf(g / (2.0 * sigma))) for g in gaps) / len(gaps)
+
+
+def error_for_accuracy(gaps: Sequence[float], accuracy: float) -> float:
+    """The Gaussian error ``sigma`` at which :func:`accuracy_with_error` equals ``accuracy`` (bisection)."""
+    if not 0.5 < accuracy < 1.0:
+        raise ValueError(f"accuracy must be in (0.5, 1), got {accuracy}")
+    low, high = 1e-6, 1e6
+    for _ in range(200):
+        mid = math.sqrt(low * high)
+        if accuracy_with_error(gaps, mid) > accuracy:
+            low = mid
+        else:
+            high = mid
+    return math.sqrt(low * high)

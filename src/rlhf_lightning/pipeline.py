@@ -64,7 +64,7 @@ def write_stage_config(
     return path
 
 
-def _sample_like_ppo(options: EvaluationOptions, ppo_config: Path) -> EvaluationOptions:
+def sample_like_ppo(options: EvaluationOptions, ppo_config: Path) -> EvaluationOptions:
     """Evaluation samples the way PPO did (response length, temperature) unless told otherwise."""
     from dataclasses import replace
 
@@ -159,7 +159,7 @@ def run_pipeline(
     policies = {"ppo": str(exports["ppo"]), "sft": str(exports["sft"])}
     if judge_base:
         policies["base"] = base_model
-    evaluation = _sample_like_ppo(evaluation or EvaluationOptions(), run / "ppo" / "config.yaml")
+    evaluation = sample_like_ppo(evaluation or EvaluationOptions(), run / "ppo" / "config.yaml")
     report = evaluate(
         policies, str(exports["sft"]), str(exports["reward"]), evaluation, annotator_temperature
     )
