@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny tokenizer, data files written under ``tmp_path``, TensorBoard scalars."""
+"""Shared fixtures: tiny tokenizer, data files written under ``tmp_path``, TensorBoard scalars, the
+scripts of ``scripts/`` as modules, and a finished run's layout over the tiny exports."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -95,3 +97,27 @@ def tiny_exports(tmp_path_factory):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[name] = path
     return out
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    """:func:`load_script`, for tests of ``scripts/``."""
+    return load_script
+
+
+@pytest.fixture
+def tiny_run(tiny_exports, tmp_path):
+    """A finished pipeline run's layout (``<run>/{sft,reward}/export``) over the tiny exports."""
+    run = tmp_path / "run"
+    for stage, export in (("sft", "policy"), ("reward", "reward")):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "export").symlink_to(tiny_exports[export])
+    return run

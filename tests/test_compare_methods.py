@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compare_methods_trains_each_method_and_writes_one_table(tiny_exports, tmp_path, write_jsonl):
-    spec = importlib.util.spec_from_file_location(
-        "compare_methods", REPO_ROOT / "scripts" / "compare_methods.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    run = tmp_path / "run"
-    for stage, export in (("sft", "policy"), ("reward", "reward")):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "export").symlink_to(tiny_exports[export])
+def test_compare_methods_trains_each_method_and_writes_one_table(script, tiny_run, tmp_path, write_jsonl):
+    script, run = script("compare_methods"), tiny_run
     prompts = write_jsonl(
         [{"prompt": f"Tell me about {w}"} for w in ("tea", "snow", "owls", "maps")], "eval.jsonl"
     )

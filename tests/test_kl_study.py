@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kl_study_trains_each_beta_and_judges_all_in_one_evaluation(tiny_exports, tmp_path, write_jsonl):
-    spec = importlib.util.spec_from_file_location("kl_study", REPO_ROOT / "scripts" / "kl_study.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    run = tmp_path / "run"
-    for stage, export in (("sft", "policy"), ("reward", "reward")):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "export").symlink_to(tiny_exports[export])
+def test_kl_study_trains_each_beta_and_judges_all_in_one_evaluation(script, tiny_run, tmp_path, write_jsonl):
+    script, run = script("kl_study"), tiny_run
     prompts = write_jsonl([{"prompt": f"Tell me about {w}"} for w in ("tea", "snow", "owls")], "eval.jsonl")
     out = tmp_path / "kl"
     args = [

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.sources import BUNDLED_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "scripts" / "reward_learning_curve.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_noise_free_ranks_follow_the_gold_score_and_keep_everything_else():
+def test_noise_free_ranks_follow_the_gold_score_and_keep_everything_else(script):
     row = {
         "prompt": [{"role": "user", "content": "Explain volcanoes in one sentence."}],
         "responses": [
@@ -31,7 +20,7 @@ def test_noise_free_ranks_follow_the_gold_score_and_keep_everything_else():
         "finished": [True, True, False],
         "source": "metadata stays",
     }
-    relabelled = _script().noise_free(row)
+    relabelled = script("reward_learning_curve").noise_free(row)
     annotator = SimulatedAnnotator()
     gold = [
         annotator.score("Explain volcanoes in one sentence.", r, f)
@@ -44,14 +33,14 @@ def test_noise_free_ranks_follow_the_gold_score_and_keep_everything_else():
     }
 
 
-def test_noise_free_agrees_with_the_bundled_validation_rankings():
+def test_noise_free_agrees_with_the_bundled_validation_rankings(script):
     # preferences_val was written in the noise-free order by the demo-data recipe: relabelling keeps it
-    script = _script()
+    curve = script("reward_learning_curve")
     rows = [
         json.loads(line) for line in (BUNDLED_DIR / "preferences_val.jsonl").read_text().splitlines()[:10]
     ]
     for row in rows:
-        gold_ranks = script.noise_free(row)["ranks"]
+        gold_ranks = curve.noise_free(row)["ranks"]
         # equal gold scores may be ordered either way; every strict gold preference must match
         annotator = SimulatedAnnotator()
         from rlhf_lightning.data.render import user_text

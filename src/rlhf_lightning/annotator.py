@@ -191,10 +191,14 @@ def calibrate_temperature(gaps: Sequence[float], target: float = INSTRUCTGPT_AGR
     gaps = [g for g in gaps if g != 0]
     if not gaps:
         raise ValueError("cannot calibrate the annotator: every pair has the same gold score")
-    low, high = 1e-4, 1e4
+    return _solve_decreasing(lambda t: expected_agreement(gaps, t), target, 1e-4, 1e4)
+
+
+def _solve_decreasing(f, target: float, low: float, high: float) -> float:
+    """The ``x`` in ``[low, high]`` where the decreasing ``f`` crosses ``target`` (bisection on a log scale)."""
     for _ in range(200):
         mid = math.sqrt(low * high)
-        if expected_agreement(gaps, mid) > target:
+        if f(mid) > target:
             low = mid
         else:
             high = mid
@@ -216,11 +220,4 @@ def error_for_accuracy(gaps: Sequence[float], accuracy: float) -> float:
     """The Gaussian error ``sigma`` at which :func:`accuracy_with_error` equals ``accuracy`` (bisection)."""
     if not 0.5 < accuracy < 1.0:
         raise ValueError(f"accuracy must be in (0.5, 1), got {accuracy}")
-    low, high = 1e-6, 1e6
-    for _ in range(200):
-        mid = math.sqrt(low * high)
-        if accuracy_with_error(gaps, mid) > accuracy:
-            low = mid
-        else:
-            high = mid
-    return math.sqrt(low * high)
+    return _solve_decreasing(lambda sigma: accuracy_with_error(gaps, sigma), accuracy, 1e-6, 1e6)
