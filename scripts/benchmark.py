@@ -14,13 +14,16 @@ the previous one to its own end, so data loading, logging and the optimizer are 
 Settings (equal on both sides, as in the issue's anchor): SFT batch 8 x max length 128; reward 8 pairs,
 max length 128; DPO 8 pairs, max length 128, beta 0.1, sigmoid loss, a frozen reference model (with
 ``--options '{"precompute_reference": true}'`` ours and TRL's ``precompute_ref_log_probs`` both precompute); PPO rollout batch 8, responses up to 32 tokens (stop at EOS), 1 minibatch of 8,
-4 or 1 PPO epochs, separate critic, temperature 0.7, k1 KL at beta 0.05. ``--precision`` sets ours
-(default: what configs/ ship); ``--trl-precision`` sets TRL's (default fp32, the anchor).
+4 or 1 PPO epochs, separate critic, temperature 0.7, k1 KL at beta 0.05. ``--precision`` sets ours and
+``--trl-precision`` TRL's; both default to ``auto``, the precision our stages choose on this machine
+(bf16-mixed where bf16 matmuls are native, else fp32: equal precision on every CPU).
 
 Model FLOPs are the work the step needs, counted the same for both: 2 x (non-embedding parameters)
 per token forward plus causal attention, the LM head only on positions a loss or a sample reads,
-x3 for a training forward + backward. MFU divides achieved model FLOP/s by a 2048^2 matmul measured in
-this run at fp32 and at bf16.
+x3 for a training forward + backward. MFU divides achieved model FLOP/s by a square matmul measured in
+this run at fp32 and at bf16 (2048^2, or smaller where a dtype is slow: bf16 without native support runs
+~400x slower than fp32 and would stall the script for many minutes). The results record the CPU's
+capability (``torch.backends.cpu.get_cpu_capability()`` and its native bf16 flags) beside the rates.
 """
 
 from __future__ import annotations
@@ -110,18 +113,30 @@ def forward_flops(config, tokens: float, context: float, head_tokens: float) -> 
     return 2 * body * tokens + 2 * attention * tokens + 2 * d * vocab * head_tokens
 
 
-def matmul_rates() -> dict[str, float]:
+def matmul_rates(budget_s: float = 0.5) -> dict[str, float]:
+    """FLOP/s of a square matmul in fp32 and bf16: 2048^2, or the largest power-of-two size up to it
+    whose single product takes under ``budget_s`` (a slow dtype is timed on small matrices); each timed
+    for about ``budget_s`` (at least 3 products) after a warm-up."""
     import torch
 
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        for _ in range(3):
+        size = 128
+        while True:
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
             a @ b
-        began, n = time.perf_counter(), 20
+            began = time.perf_counter()
+            a @ b
+            once = time.perf_counter() - began
+            if size >= 2048 or once * 8 > budget_s:  # the next size costs 8x
+                break
+            size *= 2
+        n = max(3, int(budget_s / max(once, 1e-6)))
+        began = time.perf_counter()
         for _ in range(n):
             a @ b
-        rates[name] = 2 * 2048**3 * n / (time.perf_counter() - began)
+        rates[name] = 2 * size**3 * n / (time.perf_counter() - began)
+        rates[f"{name}_size"] = size
     return rates
 
 
@@ -431,8 +446,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed iterations per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation, alternating")
-    parser.add_argument("--precision", default="bf16-mixed", help="ours: a Lightning precision")
-    parser.add_argument("--trl-precision", default="32-true", help="TRL: 32-true or bf16-mixed")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="ours: a Lightning precision, or auto (what our stages choose here)",
+    )
+    parser.add_argument("--trl-precision", default="auto", help="TRL: 32-true, bf16-mixed or auto (as ours)")
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="on both sides (TRL's own default is on)"
     )
@@ -448,6 +467,11 @@ def main() -> None:
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--table-from", nargs="+", metavar="JSON", help="print one table from saved results")
     args = parser.parse_args()
+    from rlhf_lightning.precision import auto_precision, cpu_description
+
+    chosen, reason = auto_precision()
+    args.precision = chosen if args.precision == "auto" else args.precision
+    args.trl_precision = chosen if args.trl_precision == "auto" else args.trl_precision
     if args.worker:
         return worker(args)
     if args.table_from:
@@ -460,7 +484,12 @@ def main() -> None:
     inputs = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     lengths = write_inputs(inputs, BATCH * (args.warmup + args.steps))
     rates = matmul_rates()
-    print(f"matmul 2048^2: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s")
+    cpu = cpu_description()
+    print(
+        f"{cpu}; matmul fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s ({rates['fp32_size']}^2), "
+        f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s ({rates['bf16_size']}^2); "
+        f"ours {args.precision}, TRL {args.trl_precision} (auto: {chosen}, {reason})"
+    )
     results = []
     for stage in args.stages:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
@@ -512,7 +541,12 @@ def main() -> None:
         results.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "matmul_flops": rates}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "cpu": cpu,
+        "matmul_flops": rates,
+    }
     out.write_text(json.dumps({**meta, "args": vars(args), "results": results}, indent=1))
     print(table(results))
     print(f"wrote {out}")

@@ -68,3 +68,16 @@ def test_merge_gives_rows_of_one_side_ratios_against_trl_fp32(bench):
     rows = bench.merge([[trl_bf16], [trl_fp32], [ours]])
     assert rows[2]["time_ratio"] == 0.25 and rows[2]["memory_ratio"] == 0.5
     assert "time_ratio" not in rows[0]
+
+
+def test_matmul_rates_stay_within_their_budget_on_a_slow_dtype(bench):
+    """A dtype without native support (bf16 on an AVX2 CPU: ~400x slower than fp32) is timed on small
+    matrices instead of stalling the script: with a 10 ms budget no size reaches 2048^2."""
+    import time
+
+    began = time.perf_counter()
+    rates = bench.matmul_rates(budget_s=0.01)
+    assert time.perf_counter() - began < 5
+    for dtype in ("fp32", "bf16"):
+        assert rates[dtype] > 0
+        assert 128 <= rates[f"{dtype}_size"] < 2048
