@@ -258,10 +258,13 @@ def test_fused_head_logprobs_match_the_plain_graph(temperature, suppress, autoca
                         hidden.float(), m.get_output_embeddings().weight.float()
                     )
                 logp = logprobs_from_logits(logits, ids[:, 1:], temperature, suppress)
-        weights = torch.linspace(-1, 1, logp.numel()).view_as(
-            logp
-        )  # a loss that weighs positions differently
-        (logp * weights).sum().backward()
+            loss = (
+                logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)
+            ).sum()  # positions weigh differently
+            if fused:  # under autocast, as a manual_backward inside training_step is: it must stay fp32
+                loss.backward()
+        if not fused:  # the reference: the plain graph's backward outside autocast
+            loss.backward()
         grads.append((logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
     (fused_logp, fused_grads), (plain_logp, plain_grads) = grads
     torch.testing.assert_close(fused_logp, plain_logp, rtol=1e-5, atol=1e-5)

@@ -154,6 +154,21 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(w) if need_weight else None
         grad_bias = torch.zeros_like(b) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):  # a backward called under autocast stays fp32
+            _FusedHeadLogprobs._backward_groups(
+                hidden, w, b, tokens, lse, g, t, suppress, rows, grad_hidden, grad_weight, grad_bias
+            )
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+    @staticmethod
+    def _backward_groups(
+        hidden, w, b, tokens, lse, g, t, suppress, rows, grad_hidden, grad_weight, grad_bias
+    ):
+        """Accumulate the three gradients one row group at a time (the logits are recomputed)."""
         for begin in range(0, hidden.shape[0], rows):
             end = begin + rows
             h = hidden[begin:end].float()
@@ -162,18 +177,13 @@ class _FusedHeadLogprobs(torch.autograd.Function):
             d.scatter_add_(-1, tokens[begin:end, None], g[begin:end, None])  # + onehot * grad
             if t != 1.0:
                 d.div_(t)
-            if need_hidden:
+            if grad_hidden is not None:
                 grad_hidden[begin:end] = (d @ w).to(hidden.dtype)
-            if need_weight:
+            if grad_weight is not None:
                 grad_weight.addmm_(d.T, h)
-            if need_bias:
+            if grad_bias is not None:
                 grad_bias += d.sum(0)
             del d, h
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_bias:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def head_logprobs(
