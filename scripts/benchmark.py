@@ -490,6 +490,7 @@ def main() -> None:
         f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s ({rates['bf16_size']}^2); "
         f"ours {args.precision}, TRL {args.trl_precision} (auto: {chosen}, {reason})"
     )
+    ours_options = json.loads(args.options)
     results = []
     for stage in args.stages:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
@@ -506,17 +507,17 @@ def main() -> None:
             times = [t for run in done for t in run["times"]]
             stats = [s for run in done for s in run["stats"]]
             median = statistics.median(times)
-            options = json.loads(args.options) if impl == "ours" else {}
+            options = ours_options if impl == "ours" else {}
             critic_body = (
                 not options.get("share_critic_backbone", False)
                 and options.get("advantage_estimator", "gae") == "gae"
             )
-            precomputed = bool(json.loads(args.options).get("precompute_reference", False))
+            precomputed = bool(ours_options.get("precompute_reference", False))  # both sides, or neither
             flops = step_flops(stage, config, stats, lengths, critic_body, reference=not precomputed)
             precision = args.precision if impl == "ours" else args.trl_precision
             row[impl] = {
                 "precision": precision,
-                "options": json.loads(args.options) if impl == "ours" else {},
+                "options": options,
                 "median_s": median,
                 "times": times,
                 "samples_per_s": BATCH / median,

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from rlhf_lightning.demo_data import load_manifest
-from rlhf_lightning.evaluation import EvaluationOptions, evaluate
+from rlhf_lightning.evaluation import EvaluationOptions, evaluate, versus
 from rlhf_lightning.pipeline import sample_like_ppo, write_stage_config
 from rlhf_lightning.report import finish_figure
 
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     report = evaluate(policies, str(sft), str(reward), options, temperature, judged=tuple(args.methods))
     rows = []
     for method in args.methods:
-        p = report["policies"][method]
-        rows.append({"method": method, **timings[method], "win_rate": report["win_rates"][f"{method}_vs_sft"],
-                     "win_rate_interval": report["win_rate_intervals"][f"{method}_vs_sft"],
-                     "outcomes": report["outcomes"][f"{method}_vs_sft"],
-                     **{k: p[k] for k in ("gold_score", "proxy_score", "kl_to_sft", "response_length", "eos_rate")}})  # fmt: skip
+        rows.append({"method": method, **timings[method], **versus(report, method)})
     sft_row = report["policies"]["sft"]
     text = table(rows, sft_row)
     summary = {"budget_min": args.budget_min, "n_prompts": report["n_prompts"], "rows": rows,

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from rlhf_lightning.demo_data import load_manifest
-from rlhf_lightning.evaluation import EvaluationOptions, evaluate
+from rlhf_lightning.evaluation import EvaluationOptions, evaluate, versus
 from rlhf_lightning.pipeline import sample_like_ppo, write_stage_config
 from rlhf_lightning.report import read_scalars
 from rlhf_lightning.stages import run_stage
@@ -117,33 +117,22 @@ def main(argv: list[str] | None = None) -> None:
         ),
         Path(args.ppo_config),
     )
-    for beta in args.betas:
-        export = out / name_of(beta) / "export"
+    names = [name_of(b) for b in args.betas]
+    for beta, name in zip(args.betas, names):
+        export = out / name / "export"
         if not (export / "config.json").exists():
             inputs = {"policy": str(sft), "reward_model": str(reward), "kl_coef": beta}
-            config = write_stage_config(
-                args.ppo_config, out / name_of(beta), out / "tb", name_of(beta), inputs, export
-            )
+            config = write_stage_config(args.ppo_config, out / name, out / "tb", name, inputs, export)
             iterations = str(args.iterations)
             run_stage(
                 "ppo", ["fit", "-c", str(config), "--trainer.limit_train_batches", iterations, *args.extra]
             )
-    names = [name_of(b) for b in args.betas]
     policies = {n: str(out / n / "export") for n in names} | {"sft": str(sft)}
     temperature = load_manifest()["annotator"]["temperature"]
     report = evaluate(policies, str(sft), str(reward), options, temperature, judged=tuple(names))
     results = []
     for beta, name in zip(args.betas, names):
-        p = report["policies"][name]
-        gold = [e["gold"] for e in p["examples"]]
-        mean = sum(gold) / len(gold)
-        gold_se = (sum((g - mean) ** 2 for g in gold) / len(gold)) ** 0.5 / len(gold) ** 0.5
-        results.append({"beta": beta, **{k: p[k] for k in ("kl_to_sft", "gold_score", "proxy_score", "eos_rate")},
-                        "gold_score_se": gold_se,
-                        "win_rate_vs_sft": report["win_rates"][f"{name}_vs_sft"],
-                        "win_rate_interval": report["win_rate_intervals"][f"{name}_vs_sft"],
-                        "outcomes": report["outcomes"][f"{name}_vs_sft"],
-                        "curves": in_run_curves(out / "tb" / name)})  # fmt: skip
+        results.append({"beta": beta, **versus(report, name), "curves": in_run_curves(out / "tb" / name)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curves"}))
     sft_row = {k: report["policies"]["sft"][k] for k in ("gold_score", "proxy_score", "eos_rate")}
     summary = {"n_prompts": report["n_prompts"], "iterations": args.iterations, "extra": args.extra,

@@ -57,11 +57,15 @@ def plot(results: list[dict], path: Path) -> None:
     finish_figure(fig, ax, path)
 
 
+def gold_scores(row: dict, annotator: SimulatedAnnotator) -> list[float]:
+    """The annotator's noise-free score of each response of a K-way ranking row."""
+    prompt = user_text(row["prompt"])
+    return [annotator.score(prompt, r, f) for r, f in zip(row["responses"], row["finished"])]
+
+
 def noise_free(row: dict, annotator: SimulatedAnnotator | None = None) -> dict:
     """A K-way ranking row with its ranks replaced by the annotator's noise-free order (1 = best)."""
-    annotator = annotator or SimulatedAnnotator()
-    prompt = user_text(row["prompt"])
-    gold = [annotator.score(prompt, r, f) for r, f in zip(row["responses"], row["finished"])]
+    gold = gold_scores(row, annotator or SimulatedAnnotator())
     order = sorted(range(len(gold)), key=lambda i: -gold[i])
     return {**row, "ranks": [order.index(i) + 1 for i in range(len(gold))]}
 
@@ -89,8 +93,8 @@ def main() -> None:
     suffix = "_noise_free" if args.labels == "noise-free" else ""
     out = Path(args.out or f"runs/reward_learning_curve{suffix}")
     rows = (BUNDLED_DIR / "preferences_train.jsonl").read_text().splitlines()
+    annotator = SimulatedAnnotator()
     if args.labels == "noise-free":
-        annotator = SimulatedAnnotator()
         rows = [json.dumps(noise_free(json.loads(r), annotator)) for r in rows]
     results = []
     for fraction in args.fractions:
@@ -128,13 +132,8 @@ def main() -> None:
         r["held_out_error_sd"] = error_for_accuracy(margins, r["held_out_accuracy"])
     goal = {"accuracy": 0.85, "error_sd": error_for_accuracy(margins, 0.85)}
     goal["gap_deciles"] = statistics.quantiles([abs(m) for m in margins], n=10)  # how close the pairs are
-    annotator = SimulatedAnnotator()
-    gold = [annotator.score(user_text(row["prompt"]), response, finished)
-            for row in map(json.loads, rows) for response, finished in zip(row["responses"], row["finished"])]  # fmt: skip
-    mean = sum(gold) / len(gold)
-    goal["gold_sd"] = (
-        sum((g - mean) ** 2 for g in gold) / len(gold)
-    ) ** 0.5  # the scale the error is read on
+    gold = [g for row in map(json.loads, rows) for g in gold_scores(row, annotator)]
+    goal["gold_sd"] = statistics.pstdev(gold)  # the scale the error is read on
     print(f"held-out accuracy read as gold-scale error: {[round(r['held_out_error_sd'], 3) for r in results]}; "
           f"the goal 0.85 allows {goal['error_sd']:.3f}; gold sd over the training responses {goal['gold_sd']:.3f}; "
           f"deciles of the held-out pairs' gold gaps {[round(q, 3) for q in goal['gap_deciles']]}")  # fmt: skip

@@ -34,3 +34,25 @@ def test_interval_treats_samples_of_one_prompt_as_one_observation():
 
 def test_a_single_prompt_has_no_spread():
     assert win_rate_interval([1.0], [0.0]) == (1.0, 1.0)
+
+
+def test_versus_gives_a_judged_policys_figures_and_its_verdict_without_the_samples():
+    from rlhf_lightning.evaluation import versus
+
+    report = {
+        "policies": {"ppo": {"gold_score": 4.0, "gold_score_se": 0.1, "examples": [{"gold": 4.0}]}},
+        "win_rates": {"ppo_vs_sft": 0.6, "ppo_vs_base": 0.7},
+        "win_rate_intervals": {"ppo_vs_sft": [0.5, 0.7], "ppo_vs_base": [0.6, 0.8]},
+        "outcomes": {
+            "ppo_vs_sft": {"wins": 3, "ties": 0, "losses": 2},
+            "ppo_vs_base": {"wins": 4, "ties": 0, "losses": 1},
+        },
+    }
+    assert versus(report, "ppo") == {
+        "gold_score": 4.0,
+        "gold_score_se": 0.1,
+        "win_rate": 0.6,
+        "win_rate_interval": [0.5, 0.7],
+        "outcomes": {"wins": 3, "ties": 0, "losses": 2},
+    }
+    assert versus(report, "ppo", "base")["win_rate"] == 0.7

@@ -28,7 +28,7 @@ def test_kl_study_trains_each_beta_and_judges_all_in_one_evaluation(script, tiny
     assert [r["beta"] for r in summary["results"]] == [0.0, 0.5]
     for r in summary["results"]:
         low, high = r["win_rate_interval"]
-        assert 0 <= low <= r["win_rate_vs_sft"] <= high <= 1
+        assert 0 <= low <= r["win_rate"] <= high <= 1
         assert sum(r["outcomes"].values()) == 3
         assert r["gold_score_se"] >= 0
         curves = r["curves"]  # GoldJudge's verdict every 2 rollouts of 8 episodes, read back from TensorBoard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from rlhf_lightning.annotator import SimulatedAnnotator
+from rlhf_lightning.data.render import user_text
 from rlhf_lightning.data.sources import BUNDLED_DIR
 
 
@@ -39,12 +40,10 @@ def test_noise_free_agrees_with_the_bundled_validation_rankings(script):
     rows = [
         json.loads(line) for line in (BUNDLED_DIR / "preferences_val.jsonl").read_text().splitlines()[:10]
     ]
+    annotator = SimulatedAnnotator()
     for row in rows:
-        gold_ranks = curve.noise_free(row)["ranks"]
+        gold_ranks = curve.noise_free(row, annotator)["ranks"]
         # equal gold scores may be ordered either way; every strict gold preference must match
-        annotator = SimulatedAnnotator()
-        from rlhf_lightning.data.render import user_text
-
         gold = [
             annotator.score(user_text(row["prompt"]), r, f) for r, f in zip(row["responses"], row["finished"])
         ]

@@ -14,6 +14,8 @@ For each policy (PPO, SFT, base) the evaluation samples responses to held-out pr
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -227,6 +229,7 @@ def evaluate(
         n = len(s.gold)
         report["policies"][name] = {
             "gold_score": sum(s.gold) / n,
+            "gold_score_se": statistics.pstdev(s.gold) / math.sqrt(n),  # standard error of that mean
             "proxy_score": sum(s.proxy) / n,
             "kl_to_sft": sum(s.kl_to_sft) / n,
             "response_length": sum(s.lengths) / n,
@@ -255,6 +258,19 @@ def evaluate(
         with inference_autocast(precision=precision):
             report["reward_model_accuracy"] = reward_model_accuracy(rm, tokenizer, options.preferences)
     return report
+
+
+def versus(report: dict, name: str, other: str = "sft") -> dict:
+    """One judged policy's figures from an :func:`evaluate` report (its samples left out), with its win
+    rate over ``other``, the 95% interval and the wins / ties / losses."""
+    key = f"{name}_vs_{other}"
+    figures = {k: v for k, v in report["policies"][name].items() if k != "examples"}
+    return {
+        **figures,
+        "win_rate": report["win_rates"][key],
+        "win_rate_interval": report["win_rate_intervals"][key],
+        "outcomes": report["outcomes"][key],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,7 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], rows):
             end = begin + rows
             h = hidden[begin:end].float()
-            d = _FusedHeadLogprobs._logits(hidden[begin:end], w, b, t, suppress)
+            d = _FusedHeadLogprobs._logits(h, w, b, t, suppress)  # recomputed, as the forward made them
             d.sub_(lse[begin:end, None]).exp_().mul_(-g[begin:end, None])  # -softmax * grad
             d.scatter_add_(-1, tokens[begin:end, None], g[begin:end, None])  # + onehot * grad
             if t != 1.0:
