@@ -13,7 +13,10 @@ the previous one to its own end, so data loading, logging and the optimizer are 
 
 Settings (equal on both sides, as in the issue's anchor): SFT batch 8 x max length 128; reward 8 pairs,
 max length 128; DPO 8 pairs, max length 128, beta 0.1, sigmoid loss, a frozen reference model (with
-``--options '{"precompute_reference": true}'`` ours and TRL's ``precompute_ref_log_probs`` both precompute); PPO rollout batch 8, responses up to 32 tokens (stop at EOS), 1 minibatch of 8,
+``--options '{"precompute_reference": true}'`` ours and TRL's ``precompute_ref_log_probs`` both precompute).
+Our reward and DPO steps run as the shipped configs do, with the prompt of a pair computed once
+(``PreferenceDataModule(share_prompt=True)``; TRL 1.12 has no such option; ``--options
+'{"share_prompt": false}'`` turns it off); PPO rollout batch 8, responses up to 32 tokens (stop at EOS), 1 minibatch of 8,
 4 or 1 PPO epochs, separate critic, temperature 0.7, k1 KL at beta 0.05. ``--precision`` sets ours and
 ``--trl-precision`` TRL's; both default to ``auto``, the precision our stages choose on this machine
 (bf16-mixed where bf16 matmuls are native, else fp32: equal precision on every CPU).
@@ -193,11 +196,15 @@ def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) ->
             "reward": (RewardModule, PreferenceDataModule, "pairs.jsonl"),
             "dpo": (DPOModule, PreferenceDataModule, "pairs.jsonl"),
         }[stage]
-        extra = {k: v for k, v in options.items() if k != "gradient_checkpointing"} if stage == "dpo" else {}
+        data_options = {"share_prompt": options.get("share_prompt", True)} if stage != "sft" else {}
+        extra = {k: v for k, v in options.items() if k not in ("gradient_checkpointing", "share_prompt")}
         module = module_class(
-            model=path, export_dir=None, gradient_checkpointing=options["gradient_checkpointing"], **extra
+            model=path,
+            export_dir=None,
+            gradient_checkpointing=options["gradient_checkpointing"],
+            **(extra if stage == "dpo" else {}),
         )
-        data = data_class(train=str(folder / rows), **data_args)
+        data = data_class(train=str(folder / rows), **data_args, **data_options)
     else:
         module = PPOModule(
             policy=path,
@@ -458,7 +465,8 @@ def main() -> None:
     parser.add_argument(
         "--options",
         default="{}",
-        help="JSON of extra PPOModule / DPOModule arguments (ours; precompute_reference: both)",
+        help="JSON of extra PPOModule / DPOModule arguments (ours; precompute_reference: both; share_prompt: "
+        "our preference data's layout, default true)",
     )
     parser.add_argument("--impls", nargs="+", default=["ours", "trl"], choices=("ours", "trl"))
     parser.add_argument("--out", default="runs/benchmark/results.json")

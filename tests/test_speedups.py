@@ -288,3 +288,51 @@ def test_completion_logprob_with_gradients_uses_the_fused_head_and_keeps_the_num
     got = completion_logprob(model, batch, fp32_head=True)
     assert got.grad_fn is not None
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _rankings() -> list[dict]:
+    """Three rankings with different prompt lengths, K = 3, 2 and 3, one response empty."""
+    from rlhf_lightning.data.preference import preference_example
+
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 250, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        preference_example(ids(5), [ids(4), ids(7), ids(2)], None, 64),
+        preference_example(ids(9), [ids(3), ids(6)], 0.5, 64),
+        preference_example(ids(3), [ids(5), [], ids(1)], None, 64, tiers=[0, 1, 1]),
+    ]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_layout_gives_the_rewards_log_probs_and_gradients_of_one_row_per_response(attention):
+    from rlhf_lightning.data.preference import collate_preferences
+    from rlhf_lightning.lm import ranking_scores
+
+    examples = _rankings()
+    plain, shared = (collate_preferences(examples, 0, share_prompt=s) for s in (False, True))
+    assert shared["input_ids"].shape[0] == 3  # one row per ranking
+    assert shared["input_ids"].numel() < plain["input_ids"].numel()
+    for key in ("pairs", "groups", "margins", "response_lengths", "prompt_lengths"):
+        torch.testing.assert_close(plain[key], shared[key])
+    torch.manual_seed(0)
+    for build, read in (
+        (lambda: load_causal_lm("tiny:llama"), lambda m, b: completion_logprob(m, b, fp32_head=True)),
+        (lambda: load_reward_model("tiny:llama"), ranking_scores),
+    ):
+        model = build()
+        model.config._attn_implementation = attention
+        twin = copy.deepcopy(model)
+        expected, got = read(twin, plain), read(model, shared)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        (expected * torch.arange(1.0, 9.0)).sum().backward()
+        (got * torch.arange(1.0, 9.0)).sum().backward()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_layout_refuses_an_attention_it_cannot_mask():
+    from rlhf_lightning.errors import ConfigurationError
+    from rlhf_lightning.lm import shared_prompt_mask
+
+    with pytest.raises(ConfigurationError, match="share_prompt"):
+        shared_prompt_mask(torch.zeros(1, 4, dtype=torch.long), "flash_attention_2")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.models import backbone, lm_head, score_head
 
 
@@ -43,6 +44,52 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     hidden = hidden_states(model, input_ids, attention_mask)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return score_head(model)(last).squeeze(-1)
+
+
+def shared_prompt_mask(segments: Tensor, implementation: str = "sdpa") -> Tensor:
+    """The block attention mask of a share-prompt batch (``rlhf_lightning.data.preference``),
+    ``(rows, 1, time, time)``: a token sees the earlier tokens of the prompt (segment 0) and of its own
+    segment. A pad sees itself as well, so no softmax row is empty. Boolean for ``sdpa`` attention,
+    additive (0 or the float32 minimum) for ``eager``, the forms transformers takes as a custom mask.
+    """
+    if implementation not in ("sdpa", "eager"):
+        raise ConfigurationError(
+            f"data.share_prompt needs a model with sdpa or eager attention, not {implementation!r}: "
+            "set data.init_args.share_prompt: false"
+        )
+    time = segments.shape[1]
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(time, time, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(time, dtype=torch.bool, device=segments.device)
+    if implementation == "sdpa":
+        return allowed[:, None]
+    mask = torch.zeros(allowed.shape, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def shared_prompt_hidden(model: nn.Module, batch: dict) -> Tensor:
+    """The backbone's last hidden states of a share-prompt batch, ``(rows, time, hidden)``."""
+    body = backbone(model)
+    mask = shared_prompt_mask(
+        batch["segments"], getattr(body.config, "_attn_implementation", None) or "eager"
+    )
+    out = body(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def ranking_scores(model: nn.Module, batch: dict) -> Tensor:
+    """A reward model's score of each response of a preference batch, ``(responses,)``, in either layout
+    of ``rlhf_lightning.data.preference``: read at each response's last token (an empty response: at
+    its prompt's last token, as one row per response reads it)."""
+    if "segments" not in batch:
+        return sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    hidden = shared_prompt_hidden(model, batch)
+    lengths = batch["response_lengths"].long()
+    last = torch.where(lengths > 0, batch["response_starts"] + lengths - 1, batch["prompt_lengths"] - 1)
+    return score_head(model)(hidden[batch["response_rows"], last]).squeeze(-1)
 
 
 def head_logits(model: nn.Module, hidden: Tensor, fp32: bool = False) -> Tensor:
@@ -253,18 +300,37 @@ def response_logprobs(
 
 
 def completion_logprob(model: nn.Module, batch: dict, fp32_head: bool = False) -> Tensor:
-    """``log pi(y|x)`` of each row's response: the sum of its tokens' log-probabilities (temperature 1).
+    """``log pi(y|x)`` of each response of a preference batch: the sum of its tokens' log-probabilities
+    (temperature 1), ``(responses,)``.
 
-    ``batch`` holds right-padded ``input_ids`` and ``attention_mask`` and each row's ``prompt_lengths``,
-    as the preference data collates them. The LM head runs from the shortest prompt on (in row groups
-    without gradients); ``fp32_head`` runs it in float32.
+    ``batch`` is laid out as the preference data collates it: right-padded ``input_ids`` and
+    ``attention_mask`` with each row's ``prompt_lengths`` (the LM head runs from the shortest prompt on),
+    or the share-prompt layout (the head runs on each response's positions). Without gradients the head
+    runs in row groups; ``fp32_head`` runs it in float32.
     """
+    if "segments" in batch:
+        return _shared_prompt_logprob(model, batch, fp32_head)
     ids, mask, prompt_lengths = batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"]
     start = max(1, int(prompt_lengths.min()))
     logprobs = response_logprobs(model, ids, mask, start, fp32_head=fp32_head)
     positions = torch.arange(start, ids.shape[1], device=ids.device)
     in_response = (positions[None, :] >= prompt_lengths[:, None]) & mask[:, start:].bool()
     return (logprobs * in_response).sum(-1)
+
+
+def _shared_prompt_logprob(model: nn.Module, batch: dict, fp32_head: bool) -> Tensor:
+    """:func:`completion_logprob` of a share-prompt batch: each response's first token is predicted by
+    its prompt's last position, every other token by the position before it in the same segment."""
+    hidden = shared_prompt_hidden(model, batch)
+    rows, starts = batch["response_rows"], batch["response_starts"]
+    lengths = batch["response_lengths"].long()
+    steps = torch.arange(max(1, int(lengths.max())), device=rows.device)
+    real = steps[None, :] < lengths[:, None]
+    positions = (starts[:, None] + steps[None, :]).clamp(max=hidden.shape[1] - 1)
+    predictors = torch.where(steps[None, :] == 0, batch["prompt_lengths"][:, None] - 1, positions - 1)
+    tokens = batch["input_ids"][rows[:, None], positions]
+    logprobs = head_logprobs(model, hidden[rows[:, None], predictors], tokens, fp32_head=fp32_head)
+    return (logprobs * real).sum(-1)
 
 
 def suppressed_token(pad_token_id: int, eos_token_id: int) -> int | None:

@@ -64,6 +64,21 @@ def test_collate_dtypes():
     assert batch["margins"].tolist() == [0.5]
 
 
+def test_shared_prompt_layout_holds_each_prompt_once_and_restarts_positions_after_it():
+    examples = [
+        preference_example([1, 2], [[3, 4], [5]], None, 8),
+        preference_example([6], [[7], [8, 9]], None, 8),
+    ]
+    batch = collate_preferences(examples, pad_token_id=0, share_prompt=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["segments"].tolist() == [[0, 0, 1, 1, 2], [0, 1, 2, 2, -1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert batch["response_rows"].tolist() == [0, 0, 1, 1]
+    assert batch["response_starts"].tolist() == [2, 4, 1, 2]
+    assert batch["pairs"].tolist() == [[0, 1], [2, 3]]  # the same indices as one row per response
+
+
 def test_truncation_cuts_every_response_to_the_room_left():
     example = preference_example([1, 2, 3], [[4, 5, 6, 7], [8, 9], [4, 5, 9, 9]], None, max_length=6)
     assert example["sequences"] == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 8, 9], [1, 2, 3, 4, 5, 9]]

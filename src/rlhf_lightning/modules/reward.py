@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, PearsonCorrCoef
 
-from rlhf_lightning.lm import sequence_scores
+from rlhf_lightning.lm import ranking_scores, sequence_scores
 from rlhf_lightning.models import keep_bottom_layers, load_reward_model
 from rlhf_lightning.modules.base import FinetuneModule
 from rlhf_lightning.rl.ranking import pair_accuracy, ranking_loss
@@ -71,7 +71,7 @@ class RewardModule(FinetuneModule):
         return sequence_scores(self.model, input_ids, attention_mask)
 
     def _step(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        rewards = self(batch["input_ids"], batch["attention_mask"]).float()
+        rewards = ranking_scores(self.model, batch).float()
         loss = ranking_loss(rewards, batch["pairs"], batch["groups"], batch["margins"])
         chosen, rejected = rewards[batch["pairs"][:, 0]], rewards[batch["pairs"][:, 1]]
         return loss, rewards, chosen, rejected
@@ -128,7 +128,7 @@ class RewardModule(FinetuneModule):
         rewards = []
         for batch in self.trainer.datamodule.train_dataloader():
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            rewards.append(self(batch["input_ids"], batch["attention_mask"]).float())
+            rewards.append(ranking_scores(self.model, batch).float())
         r = torch.cat(rewards)
         return {
             "mean": float(r.mean()),
