@@ -242,3 +242,44 @@ def test_sample_without_top_k_uses_full_distribution(checkpoint_defaults):
     ranks = _sampled_ranks(model, temperature=1.0, top_k=0, top_p=1.0)
     # Sampling from all ~258 near-equally likely tokens: ~80% of draws fall outside the 50 most likely.
     assert float((ranks >= 50).float().mean()) > 0.5
+
+
+def test_draw_tokens_follows_the_sampling_distribution_and_its_cuts():
+    from rlhf_lightning.lm import draw_tokens
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).expand(40_000, 5)
+    torch.manual_seed(0)
+
+    def frequencies(**kwargs):
+        return torch.bincount(draw_tokens(logits, **kwargs), minlength=5).float() / logits.shape[0]
+
+    full = torch.softmax(logits[0] / 0.7, -1)
+    torch.testing.assert_close(frequencies(temperature=0.7), full, atol=0.01, rtol=0)
+    no_first = torch.softmax(logits[0, 1:], -1)  # token 0 suppressed, the rest renormalised
+    torch.testing.assert_close(frequencies(suppress=0)[1:], no_first, atol=0.01, rtol=0)
+    assert frequencies(suppress=0)[0] == 0
+    top2 = torch.softmax(logits[0, :2], -1)
+    torch.testing.assert_close(frequencies(top_k=2), torch.cat([top2, torch.zeros(3)]), atol=0.01, rtol=0)
+    # nucleus 0.8: the smallest most-probable set reaching 0.8 is tokens 0-2 (0.52, 0.19, 0.12 -> 0.83)
+    p = torch.softmax(logits[0], -1)
+    nucleus = torch.cat([p[:3] / p[:3].sum(), torch.zeros(2)])
+    torch.testing.assert_close(frequencies(top_p=0.8), nucleus, atol=0.01, rtol=0)
+    assert torch.equal(draw_tokens(logits[:3], do_sample=False), torch.zeros(3, dtype=torch.long))
+
+
+def test_greedy_sample_matches_transformers_generate():
+    from transformers import GenerationConfig
+
+    model = load_causal_lm("tiny:llama").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 250, (4, 6), generator=g)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # left padding
+    prompts = prompts.masked_fill(mask == 0, 0)
+    ours, _ = sample(model, prompts, mask, max_new_tokens=8, eos_token_id=1, pad_token_id=0, do_sample=False)
+    config = GenerationConfig(
+        max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    theirs = model.generate(input_ids=prompts, attention_mask=mask, generation_config=config)[:, 6:]
+    theirs, _ = mask_after_eos(theirs, 1, 0)
+    assert torch.equal(ours, theirs)

@@ -336,3 +336,20 @@ def test_shared_prompt_layout_refuses_an_attention_it_cannot_mask():
 
     with pytest.raises(ConfigurationError, match="share_prompt"):
         shared_prompt_mask(torch.zeros(1, 4, dtype=torch.long), "flash_attention_2")
+
+
+def test_head_logits_hands_the_head_a_matrix_and_keeps_the_numbers():
+    """A strided 3-D input sends a frozen head to a batched matmul over one copy of its weight per row
+    (``lm.head_logits``): the head must see a 2-D matrix and give the same logits."""
+    from rlhf_lightning.lm import head_logits
+    from rlhf_lightning.models import freeze, lm_head
+
+    torch.manual_seed(0)
+    model = freeze(load_causal_lm("tiny:llama")).eval()
+    seen = []
+    lm_head(model).register_forward_pre_hook(lambda _, args: seen.append(args[0].dim()))
+    hidden = torch.randn(3, 9, 64)[:, 2:-1]  # strided, as response positions are
+    with torch.no_grad():
+        got = head_logits(model, hidden)
+    assert seen == [2]
+    torch.testing.assert_close(got, hidden.contiguous() @ lm_head(model).weight.T)

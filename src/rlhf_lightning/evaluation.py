@@ -24,10 +24,17 @@ import torch
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
-from rlhf_lightning.data.preference import collate_preferences, encode_preference
+from rlhf_lightning.data.preference import collate_preferences, encode_preference, preference_example
 from rlhf_lightning.data.render import decode_response, encode, prompt_text, user_text
 from rlhf_lightning.data.sources import read_rows
-from rlhf_lightning.lm import response_logprobs, sample, sequence_scores, suppressed_token
+from rlhf_lightning.lm import (
+    attention_implementation,
+    ranking_scores,
+    response_logprobs,
+    sample,
+    sequence_scores,
+    suppressed_token,
+)
 from rlhf_lightning.models import linear_weights_to, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_lightning.precision import auto_precision, inference_autocast
 from rlhf_lightning.rl.ranking import pair_accuracy
@@ -168,11 +175,30 @@ def reward_model_accuracy(
             continue
     from tqdm.auto import tqdm
 
-    correct = []
-    for begin in tqdm(range(0, len(examples), batch_size), desc="reward-model accuracy", disable=None):
-        batch = collate_preferences(examples[begin : begin + batch_size], tokenizer.pad_token_id)
-        rewards = sequence_scores(reward_model, batch["input_ids"], batch["attention_mask"])
-        correct += pair_accuracy(rewards, batch["pairs"]).tolist()
+    # Every distinct response of a prompt is scored once (held-out pairs reuse a prompt's responses),
+    # all of them in one share-prompt row where the attention takes a block mask, batches sorted by size.
+    # Neither changes a score beyond float rounding.
+    distinct: dict[tuple, dict[tuple, None]] = {}
+    for example in examples:
+        p = example["prompt_length"]
+        for sequence in example["sequences"]:
+            distinct.setdefault(tuple(sequence[:p]), {})[tuple(sequence[p:])] = None
+    groups = sorted(distinct.items(), key=lambda item: len(item[0]) + sum(map(len, item[1])))
+    share = attention_implementation(reward_model) in ("sdpa", "eager")
+    scores = {}
+    for begin in tqdm(range(0, len(groups), batch_size), desc="reward-model accuracy", disable=None):
+        chunk = groups[begin : begin + batch_size]
+        encoded = [
+            preference_example(list(prompt), list(map(list, rs)), None, max_length) for prompt, rs in chunk
+        ]
+        batch = collate_preferences(encoded, tokenizer.pad_token_id, share)
+        keys = [(prompt, response) for prompt, rs in chunk for response in rs]
+        scores.update(zip(keys, ranking_scores(reward_model, batch).float().tolist()))
+    pairs = collate_preferences(examples, tokenizer.pad_token_id)["pairs"]
+    rewards = torch.tensor([
+        scores[tuple(s[: e["prompt_length"]]), tuple(s[e["prompt_length"] :])] for e in examples for s in e["sequences"]
+    ])  # fmt: skip
+    correct = pair_accuracy(rewards, pairs).tolist()
     return sum(correct) / len(correct)
 
 
