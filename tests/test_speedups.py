@@ -353,3 +353,18 @@ def test_head_logits_hands_the_head_a_matrix_and_keeps_the_numbers():
         got = head_logits(model, hidden)
     assert seen == [2]
     torch.testing.assert_close(got, hidden.contiguous() @ lm_head(model).weight.T)
+
+
+def test_decoding_head_cast_once_gives_the_logits_autocast_gives():
+    """``lm.sample`` casts a plain head to the autocast dtype once instead of at every step."""
+    from rlhf_lightning.lm import _decoding_head
+    from rlhf_lightning.models import freeze, linear_weights_to, lm_head
+
+    torch.manual_seed(0)
+    model = linear_weights_to(freeze(load_causal_lm("tiny:llama")).eval(), torch.bfloat16)
+    assert lm_head(model).weight.dtype == torch.float32  # tied to the embedding: kept in fp32
+    hidden = torch.randn(4, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_decoding_head(model, "cpu")(hidden), lm_head(model)(hidden))
+    with torch.no_grad():  # without autocast: the head as it is
+        assert torch.equal(_decoding_head(model, "cpu")(hidden), lm_head(model)(hidden))
