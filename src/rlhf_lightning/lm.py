@@ -2,8 +2,9 @@
 
 The LM head of a 135M model with a 49k vocabulary costs as much as several transformer layers, and
 most positions of an SFT or PPO batch (prompt and pad) never reach a loss. These helpers run the
-backbone once and project only the selected positions. Positions are always derived from the
-attention mask, so left-padded prompts (generation) and right-padded ones (training) agree.
+backbone once and project only the selected positions. Positions are derived from the attention
+mask, so left-padded prompts (generation) and right-padded ones (training) agree, or given by a
+share-prompt preference batch, whose responses restart where their prompt ends.
 """
 
 from __future__ import annotations
