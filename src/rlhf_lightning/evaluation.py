@@ -24,10 +24,16 @@ import torch
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
-from rlhf_lightning.data.preference import collate_preferences, encode_preference, preference_example
+from rlhf_lightning.data.preference import (
+    collate_preferences,
+    comparisons,
+    encode_preference,
+    preference_example,
+)
 from rlhf_lightning.data.render import decode_response, encode, prompt_text, user_text
 from rlhf_lightning.data.sources import read_rows
 from rlhf_lightning.lm import (
+    SHARED_PROMPT_ATTENTION,
     attention_implementation,
     ranking_scores,
     response_logprobs,
@@ -178,13 +184,16 @@ def reward_model_accuracy(
     # Every distinct response of a prompt is scored once (held-out pairs reuse a prompt's responses),
     # all of them in one share-prompt row where the attention takes a block mask, batches sorted by size.
     # Neither changes a score beyond float rounding.
+    def keys(example: dict) -> list[tuple[tuple, tuple]]:  # (prompt ids, response ids) of each response
+        p = example["prompt_length"]
+        return [(tuple(s[:p]), tuple(s[p:])) for s in example["sequences"]]
+
     distinct: dict[tuple, dict[tuple, None]] = {}
     for example in examples:
-        p = example["prompt_length"]
-        for sequence in example["sequences"]:
-            distinct.setdefault(tuple(sequence[:p]), {})[tuple(sequence[p:])] = None
+        for prompt, response in keys(example):
+            distinct.setdefault(prompt, {})[response] = None
     groups = sorted(distinct.items(), key=lambda item: len(item[0]) + sum(map(len, item[1])))
-    share = attention_implementation(reward_model) in ("sdpa", "eager")
+    share = attention_implementation(reward_model) in SHARED_PROMPT_ATTENTION
     scores = {}
     for begin in tqdm(range(0, len(groups), batch_size), desc="reward-model accuracy", disable=None):
         chunk = groups[begin : begin + batch_size]
@@ -192,12 +201,10 @@ def reward_model_accuracy(
             preference_example(list(prompt), list(map(list, rs)), None, max_length) for prompt, rs in chunk
         ]
         batch = collate_preferences(encoded, tokenizer.pad_token_id, share)
-        keys = [(prompt, response) for prompt, rs in chunk for response in rs]
-        scores.update(zip(keys, ranking_scores(reward_model, batch).float().tolist()))
-    pairs = collate_preferences(examples, tokenizer.pad_token_id)["pairs"]
-    rewards = torch.tensor([
-        scores[tuple(s[: e["prompt_length"]]), tuple(s[e["prompt_length"] :])] for e in examples for s in e["sequences"]
-    ])  # fmt: skip
+        chunk_keys = [(prompt, response) for prompt, rs in chunk for response in rs]
+        scores.update(zip(chunk_keys, ranking_scores(reward_model, batch).float().tolist()))
+    rewards = torch.tensor([scores[key] for example in examples for key in keys(example)])
+    pairs = comparisons(examples)["pairs"]
     correct = pair_accuracy(rewards, pairs).tolist()
     return sum(correct) / len(correct)
 

@@ -48,13 +48,16 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     return score_head(model)(last).squeeze(-1)
 
 
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # the attention kernels that take the block mask below
+
+
 def shared_prompt_mask(segments: Tensor, implementation: str = "sdpa") -> Tensor:
     """The block attention mask of a share-prompt batch (``rlhf_lightning.data.preference``),
     ``(rows, 1, time, time)``: a token sees the earlier tokens of the prompt (segment 0) and of its own
     segment. A pad sees itself as well, so no softmax row is empty. Boolean for ``sdpa`` attention,
     additive (0 or the float32 minimum) for ``eager``, the forms transformers takes as a custom mask.
     """
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in SHARED_PROMPT_ATTENTION:
         raise ConfigurationError(
             f"data.share_prompt needs a model with sdpa or eager attention, not {implementation!r}: "
             "set data.init_args.share_prompt: false"

@@ -15,6 +15,7 @@ The responses are laid out in one of two ways:
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rlhf_lightning.data.base import TextDataModule
 from rlhf_lightning.data.batching import mask_of, pad
@@ -89,15 +90,12 @@ def share_prompt_layout(examples: list[dict], pad_token_id: int) -> dict:
     }
 
 
-def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict:
-    """Index the comparisons of a batch of rankings (ties left out) and lay out their responses: one
-    row per response, or with ``share_prompt`` one row per ranking (:func:`share_prompt_layout`)."""
-    sequences, lengths, prompt_lengths, pairs, groups, margins = [], [], [], [], [], []
+def comparisons(examples: list[dict]) -> dict[str, Tensor]:
+    """The comparisons of a batch of rankings (ties left out): ``pairs`` (winner, loser) as indices into
+    the batch's responses in order, the ranking (``groups``) and ``margins`` of each."""
+    pairs, groups, margins = [], [], []
+    offset = 0
     for g, example in enumerate(examples):
-        offset = len(sequences)
-        sequences.extend(example["sequences"])
-        lengths.extend(example["response_lengths"])
-        prompt_lengths.extend([example["prompt_length"]] * len(example["sequences"]))
         tiers = example.get("tiers")
         for winner, loser in all_pairs(len(example["sequences"])):
             if tiers is not None and tiers[winner] == tiers[loser]:
@@ -105,6 +103,22 @@ def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: b
             pairs.append((offset + winner, offset + loser))
             groups.append(g)
             margins.append(example["margin"] or 0.0)
+        offset += len(example["sequences"])
+    return {
+        "pairs": torch.tensor(pairs, dtype=torch.long),
+        "groups": torch.tensor(groups, dtype=torch.long),
+        "margins": torch.tensor(margins, dtype=torch.float),
+    }
+
+
+def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict:
+    """Index the comparisons of a batch of rankings (:func:`comparisons`) and lay out their responses:
+    one row per response, or with ``share_prompt`` one row per ranking (:func:`share_prompt_layout`)."""
+    sequences, lengths, prompt_lengths = [], [], []
+    for example in examples:
+        sequences.extend(example["sequences"])
+        lengths.extend(example["response_lengths"])
+        prompt_lengths.extend([example["prompt_length"]] * len(example["sequences"]))
     if share_prompt:
         layout = share_prompt_layout(examples, pad_token_id)
     else:
@@ -113,9 +127,7 @@ def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: b
         **layout,
         "response_lengths": torch.tensor(lengths, dtype=torch.float),
         "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
-        "pairs": torch.tensor(pairs, dtype=torch.long),
-        "groups": torch.tensor(groups, dtype=torch.long),
-        "margins": torch.tensor(margins, dtype=torch.float),
+        **comparisons(examples),
     }
     if examples and all("ref_logps" in e for e in examples):  # per-response values a method stored (DPO)
         batch["ref_logps"] = torch.tensor([v for e in examples for v in e["ref_logps"]], dtype=torch.float)
