@@ -146,3 +146,26 @@ def test_topic_stems_match_inflections():
     assert stem("photosynthesis") == "photosynthesis" and stem("glass") == "glass"
     assert topic_words("Give me one quick tip for cooking.") == {"cook"}
     assert mentions("magnet", {"magnetic"}) and mentions("cook", {"cooks"}) and not mentions("cook", {"book"})
+
+
+def test_weighted_components_sum_to_the_gold_score(annotator):
+    prompt, response = "Explain volcanoes in one sentence.", "Volcanoes are wonderful mountains that erupt."
+    parts = annotator.weighted_components(prompt, response, finished=False)
+    assert sum(parts.values()) == annotator.score(prompt, response, finished=False)
+    assert parts["finished"] == 0.0 and parts["on_topic"] == annotator.rubric.on_topic
+
+
+@pytest.mark.parametrize(
+    ("responses", "finished", "term"),
+    [
+        (["Volcanoes are mountains that erupt.", "Cats are animals that purr."], (True, True), "on_topic"),
+        (["Volcanoes are mountains that erupt.", "Volcanoes are mountains that erupt."], (True, False), "finished"),
+        (["Volcanoes are wonderful, lovely mountains.", "Volcanoes are mountains."], (True, True), "warmth"),
+        (["Volcanoes erupt.", "Volcanoes erupt erupt volcanoes erupt erupt volcanoes erupt."], (True, True), "fresh"),
+    ],
+)
+def test_the_deciding_term_is_the_largest_weighted_difference(annotator, responses, finished, term):
+    prompt = "Explain volcanoes in one sentence."
+    assert annotator.deciding_term(prompt, responses, finished) == term
+    a, b = (annotator.weighted_components(prompt, r, f) for r, f in zip(responses, finished))
+    assert abs(a[term] - b[term]) == max(abs(a[t] - b[t]) for t in a)

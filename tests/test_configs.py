@@ -24,7 +24,7 @@ def test_every_config_is_covered():
     assert {p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")} == {
         p.relative_to(CONFIGS) for p in STAGE_CONFIGS + PIPELINE_CONFIGS
     }
-    assert len(STAGE_CONFIGS) == 9 and len(PIPELINE_CONFIGS) == 2
+    assert len(STAGE_CONFIGS) == 10 and len(PIPELINE_CONFIGS) == 2
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

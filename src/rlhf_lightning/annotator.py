@@ -138,15 +138,20 @@ class SimulatedAnnotator:
 
     def score(self, prompt: str, response: str, finished: bool = True) -> float:
         """The gold score: the rubric's weighted sum."""
+        return sum(self.weighted_components(prompt, response, finished).values())
+
+    def weighted_components(self, prompt: str, response: str, finished: bool = True) -> dict[str, float]:
+        """Each term's contribution to the gold score (its value times its weight): they sum to :meth:`score`."""
         c = self.components(prompt, response, finished)
-        r = self.rubric
-        return (
-            r.warmth * c["warmth"]
-            + r.on_topic * c["on_topic"]
-            + r.concise * c["concise"]
-            + r.finished * c["finished"]
-            + r.fresh * c["fresh"]
-        )
+        return {term: getattr(self.rubric, term) * value for term, value in c.items()}
+
+    def deciding_term(
+        self, prompt: str, responses: Sequence[str], finished: Sequence[bool] = (True, True)
+    ) -> str:
+        """The rubric term whose weighted difference between the two ``responses`` is largest: the one
+        that decides the pair (where a reward model ranks a pair wrong, this says what it missed)."""
+        a, b = (self.weighted_components(prompt, r, f) for r, f in zip(responses, finished, strict=True))
+        return max(a, key=lambda term: abs(a[term] - b[term]))
 
     def prefer_probability(self, gold_a: float, gold_b: float) -> float:
         """Bradley-Terry probability that the annotator labels ``a`` better than ``b``."""

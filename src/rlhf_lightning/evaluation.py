@@ -170,6 +170,15 @@ def reward_model_accuracy(
     reward_model, tokenizer, source: str, max_length: int = 512, batch_size: int = 16
 ) -> float:
     """Share of held-out pairs where the reward model scores the chosen response higher."""
+    outcomes = reward_model_outcomes(reward_model, tokenizer, source, max_length, batch_size)
+    return sum(outcomes) / len(outcomes)
+
+
+def reward_model_outcomes(
+    reward_model, tokenizer, source: str, max_length: int = 512, batch_size: int = 16
+) -> list[float]:
+    """Per comparison of ``source``, in file order: 1 if the reward model scores the preferred response
+    higher, 0.5 on a tie, 0 otherwise (a row that cannot be encoded gives none)."""
     rows, _ = read_rows(source, to_preference_row)
     examples = []
     for row in rows:
@@ -205,8 +214,7 @@ def reward_model_accuracy(
         scores.update(zip(chunk_keys, ranking_scores(reward_model, batch).float().tolist()))
     rewards = torch.tensor([scores[key] for example in examples for key in keys(example)])
     pairs = comparisons(examples)["pairs"]
-    correct = pair_accuracy(rewards, pairs).tolist()
-    return sum(correct) / len(correct)
+    return pair_accuracy(rewards, pairs).tolist()
 
 
 def evaluate(
