@@ -102,7 +102,9 @@ def summary(outcomes: list[float], prompts: list[str], terms: list[str]) -> dict
         if keep:
             o, p = [outcomes[i] for i in keep], [prompts[i] for i in keep]
             out["by_deciding_term"][term] = {
-                "pairs": len(o), "accuracy": sum(o) / len(o), "interval": accuracy_interval(o, p)
+                "pairs": len(o),
+                "accuracy": sum(o) / len(o),
+                "interval": accuracy_interval(o, p),
             }
     return out
 
@@ -119,9 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     annotator = SimulatedAnnotator()
     held_out = [record for record, _ in read_records(args.held_out)]
     prompts = [user_text(r["prompt"]) for r in held_out]
-    deciding = [
-        annotator.deciding_term(p, r["responses"], r["finished"]) for p, r in zip(prompts, held_out)
-    ]
+    deciding = [annotator.deciding_term(p, r["responses"], r["finished"]) for p, r in zip(prompts, held_out)]
 
     tokenizer = load_tokenizer(args.reward)
     model = load_reward_model(args.reward, pad_token_id=tokenizer.pad_token_id).eval()
@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'term':<10} {'pairs':>6} {'reward model':>14} {'rubric terms fit':>17}")
     rm, ft = report["reward_model"], report["rubric_terms_fitted_to_the_training_labels"]
     for term, stats in rm["by_deciding_term"].items():
-        print(f"{term:<10} {stats['pairs']:>6} {stats['accuracy']:>14.3f} {ft['by_deciding_term'][term]['accuracy']:>17.3f}")
+        print(
+            f"{term:<10} {stats['pairs']:>6} {stats['accuracy']:>14.3f} {ft['by_deciding_term'][term]['accuracy']:>17.3f}"
+        )
     print(f"{'all':<10} {report['pairs']:>6} {rm['accuracy']:>14.3f} {ft['accuracy']:>17.3f}")
     return report
 

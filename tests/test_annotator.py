@@ -159,9 +159,17 @@ def test_weighted_components_sum_to_the_gold_score(annotator):
     ("responses", "finished", "term"),
     [
         (["Volcanoes are mountains that erupt.", "Cats are animals that purr."], (True, True), "on_topic"),
-        (["Volcanoes are mountains that erupt.", "Volcanoes are mountains that erupt."], (True, False), "finished"),
+        (
+            ["Volcanoes are mountains that erupt.", "Volcanoes are mountains that erupt."],
+            (True, False),
+            "finished",
+        ),
         (["Volcanoes are wonderful, lovely mountains.", "Volcanoes are mountains."], (True, True), "warmth"),
-        (["Volcanoes erupt.", "Volcanoes erupt erupt volcanoes erupt erupt volcanoes erupt."], (True, True), "fresh"),
+        (
+            ["Volcanoes erupt.", "Volcanoes erupt erupt volcanoes erupt erupt volcanoes erupt."],
+            (True, True),
+            "fresh",
+        ),
     ],
 )
 def test_the_deciding_term_is_the_largest_weighted_difference(annotator, responses, finished, term):
