@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.data.render import user_text
 from rlhf_lightning.data.sources import read_records
-from rlhf_lightning.evaluation import reward_model_outcomes
+from rlhf_lightning.evaluation import outcome_interval, pair_outcomes, reward_model_outcomes
 from rlhf_lightning.models import load_reward_model, load_tokenizer
 from rlhf_lightning.precision import inference_autocast
+from rlhf_lightning.rl.ranking import bradley_terry_loss
 
 TERMS = ("warmth", "on_topic", "concise", "finished", "fresh")
 
@@ -63,7 +62,7 @@ def fit_bradley_terry(differences: torch.Tensor, l2: float = 1e-4) -> torch.Tens
 
     def closure():
         optimizer.zero_grad()
-        loss = -F.logsigmoid(differences @ w).mean() + l2 * w.pow(2).sum()
+        loss = bradley_terry_loss(differences @ w, 0.0).mean() + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -71,31 +70,9 @@ def fit_bradley_terry(differences: torch.Tensor, l2: float = 1e-4) -> torch.Tens
     return w.detach()
 
 
-def pair_outcome(chosen: float, rejected: float) -> float:
-    """1 if the chosen response scores higher, 0.5 on a tie, 0 otherwise."""
-    return 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
-
-
-def accuracy_interval(outcomes: list[float], prompts: list[str], z: float = 1.959964) -> list[float]:
-    """95% interval of the mean outcome (normal approximation over prompts: the pairs of one prompt
-    share responses, so they are not independent)."""
-    per_prompt = defaultdict(list)
-    for prompt, outcome in zip(prompts, outcomes, strict=True):
-        per_prompt[prompt].append(outcome)
-    means = [sum(v) / len(v) for v in per_prompt.values()]
-    weights = [len(v) for v in per_prompt.values()]
-    n, total = len(means), sum(weights)
-    mean = sum(outcomes) / total
-    if n < 2:
-        return [mean, mean]
-    # ratio estimator of a clustered proportion: variance from each prompt's deviation, weighted by its pairs
-    var = n / (n - 1) * sum((w * (m - mean)) ** 2 for w, m in zip(weights, means)) / total**2
-    return [max(0.0, mean - z * var**0.5), min(1.0, mean + z * var**0.5)]
-
-
 def summary(outcomes: list[float], prompts: list[str], terms: list[str]) -> dict:
     """Accuracy with its 95% interval, overall and over the pairs each term decides."""
-    out = {"accuracy": sum(outcomes) / len(outcomes), "interval": accuracy_interval(outcomes, prompts)}
+    out = {"accuracy": sum(outcomes) / len(outcomes), "interval": outcome_interval(outcomes, prompts)}
     out["by_deciding_term"] = {}
     for term in TERMS:
         keep = [i for i, t in enumerate(terms) if t == term]
@@ -104,7 +81,7 @@ def summary(outcomes: list[float], prompts: list[str], terms: list[str]) -> dict
             out["by_deciding_term"][term] = {
                 "pairs": len(o),
                 "accuracy": sum(o) / len(o),
-                "interval": accuracy_interval(o, p),
+                "interval": outcome_interval(o, p),
             }
     return out
 
@@ -131,13 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{args.held_out}: {len(held_out)} pairs, but only {len(outcomes)} could be scored")
 
     weights = fit_bradley_terry(ranking_differences([r for r, _ in read_records(args.train)], annotator))
-    feature_outcomes = []
-    for prompt, row in zip(prompts, held_out):
-        scores = [
+    feature_scores = [
+        [
             float(torch.tensor(term_features(annotator, prompt, r, f), dtype=weights.dtype) @ weights)
             for r, f in zip(row["responses"], row["finished"])
         ]
-        feature_outcomes.append(pair_outcome(*scores))
+        for prompt, row in zip(prompts, held_out)
+    ]
+    feature_outcomes = pair_outcomes([p[0] for p in feature_scores], [p[1] for p in feature_scores])
 
     report = {
         "reward": args.reward,

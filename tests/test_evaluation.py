@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhf_lightning.evaluation import win_rate, win_rate_interval
+from rlhf_lightning.evaluation import outcome_interval, win_rate, win_rate_interval
 
 
 def test_win_rate_counts_ties_half():
@@ -30,6 +30,21 @@ def test_interval_treats_samples_of_one_prompt_as_one_observation():
     sd = math.sqrt((6 * 0.25**2 + 2 * 0.75**2) / 7)
     assert independent[0] == pytest.approx(0.75 - 1.959964 * sd / math.sqrt(8))
     assert grouped[0] < independent[0]  # correlated samples of a prompt: a wider interval
+
+
+def test_outcome_interval_by_hand():
+    # one outcome per prompt: the usual normal approximation with the n-1 variance
+    outcomes = [1.0, 1.0, 0.0, 1.0]
+    low, high = outcome_interval(outcomes, ["a", "b", "c", "d"])
+    se = (sum((o - 0.75) ** 2 for o in outcomes) / 3 / 4) ** 0.5
+    assert (low, high) == pytest.approx((0.75 - 1.959964 * se, min(1.0, 0.75 + 1.959964 * se)))
+    # outcomes of one prompt are one observation: two prompts that each agree with themselves
+    assert outcome_interval([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"]) == pytest.approx((0.0, 1.0))
+    assert outcome_interval([1.0, 1.0, 1.0], ["a", "b", "c"]) == (1.0, 1.0)
+    # unequal groups: the mean is over outcomes (2/3 here), each group weighted by its size
+    low, high = outcome_interval([1.0, 1.0, 0.0], ["a", "a", "b"])
+    half = 1.959964 * (2 * ((2 - 2 * 2 / 3) ** 2 + (0 - 2 / 3) ** 2) / 9) ** 0.5
+    assert (low, high) == pytest.approx((max(0.0, 2 / 3 - half), min(1.0, 2 / 3 + half)))
 
 
 def test_a_single_prompt_has_no_spread():

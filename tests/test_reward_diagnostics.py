@@ -44,18 +44,6 @@ def test_ranking_differences_are_winner_minus_loser(script):
     assert diag.ranking_differences([row], annotator).tolist() == expected
 
 
-def test_accuracy_interval_by_hand(script):
-    diag = script("reward_diagnostics")
-    # one pair per prompt: the usual normal approximation with the n-1 variance
-    outcomes = [1.0, 1.0, 0.0, 1.0]
-    low, high = diag.accuracy_interval(outcomes, ["a", "b", "c", "d"])
-    se = (sum((o - 0.75) ** 2 for o in outcomes) / 3 / 4) ** 0.5
-    assert (low, high) == pytest.approx((0.75 - 1.959964 * se, min(1.0, 0.75 + 1.959964 * se)))
-    # pairs of one prompt are one observation: two prompts that each agree with themselves
-    assert diag.accuracy_interval([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"]) == pytest.approx([0.0, 1.0])
-    assert diag.accuracy_interval([1.0, 1.0, 1.0], ["a", "b", "c"]) == [1.0, 1.0]
-
-
 def test_end_to_end_on_a_tiny_reward_model(script, tiny_exports, tmp_path):
     diag = script("reward_diagnostics")
     annotator = SimulatedAnnotator()

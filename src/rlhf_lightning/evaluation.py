@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -84,32 +85,42 @@ class PolicySamples:
 
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
     """Share of paired samples where ``a`` scores higher; ties count half."""
-    return sum(_outcomes(gold_a, gold_b)) / len(gold_a)
+    return sum(pair_outcomes(gold_a, gold_b)) / len(gold_a)
 
 
-def _outcomes(gold_a: list[float], gold_b: list[float]) -> list[float]:
+def pair_outcomes(gold_a: list[float], gold_b: list[float]) -> list[float]:
+    """Per pair: 1 if ``a`` scores higher, 0.5 on a tie, 0 otherwise."""
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b)]
 
 
 def win_rate_interval(
     gold_a: list[float], gold_b: list[float], groups: list[int] | None = None, z: float = 1.959964
 ) -> tuple[float, float]:
-    """95% confidence interval of :func:`win_rate` (normal approximation).
+    """95% confidence interval of :func:`win_rate` (:func:`outcome_interval` of the paired outcomes;
+    ``groups`` gives each sample's prompt, ``None``: one sample per prompt)."""
+    return outcome_interval(pair_outcomes(gold_a, gold_b), groups, z)
 
-    Samples of one prompt are not independent, so the interval is computed over per-prompt mean outcomes
-    (``groups`` gives each sample's prompt; ``None``: one sample per prompt).
+
+def outcome_interval(
+    outcomes: list[float], groups: list[Hashable] | None = None, z: float = 1.959964
+) -> tuple[float, float]:
+    """95% confidence interval of the mean of ``outcomes`` (normal approximation).
+
+    Outcomes of one group (the samples or the pairs of one prompt) are not independent, so the variance
+    comes from each group's deviation from the mean, weighted by its size (the ratio estimator of a
+    clustered mean; with equal groups, the variance of the per-group means over their number).
+    ``None``: every outcome its own group.
     """
-    outcomes = _outcomes(gold_a, gold_b)
     groups = groups if groups is not None else list(range(len(outcomes)))
-    per_prompt: dict[int, list[float]] = {}
-    for g, o in zip(groups, outcomes):
-        per_prompt.setdefault(g, []).append(o)
-    means = [sum(v) / len(v) for v in per_prompt.values()]
-    n = len(means)
-    mean = sum(means) / n
+    per_group: dict[Hashable, list[float]] = {}
+    for g, o in zip(groups, outcomes, strict=True):
+        per_group.setdefault(g, []).append(o)
+    n, total = len(per_group), len(outcomes)
+    mean = sum(outcomes) / total
     if n < 2:
         return mean, mean
-    stderr = (sum((m - mean) ** 2 for m in means) / (n - 1) / n) ** 0.5
+    variance = n / (n - 1) * sum((sum(v) - len(v) * mean) ** 2 for v in per_group.values()) / total**2
+    stderr = variance**0.5
     return max(0.0, mean - z * stderr), min(1.0, mean + z * stderr)
 
 
@@ -287,7 +298,7 @@ def evaluate(
             key, a, b = f"{judged_name}_vs_{other}", samples[judged_name].gold, samples[other].gold
             report["win_rates"][key] = win_rate(a, b)
             report["win_rate_intervals"][key] = win_rate_interval(a, b, prompt_ids)
-            outcomes = _outcomes(a, b)
+            outcomes = pair_outcomes(a, b)
             report.setdefault("outcomes", {})[key] = {
                 "wins": outcomes.count(1.0),
                 "ties": outcomes.count(0.5),
