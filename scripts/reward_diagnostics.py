@@ -12,6 +12,14 @@ Two measurements on the bundled demo data:
    to the *same noisy training rankings* the reward model learns from, and scored on the same held-out
    pairs. If it ranks them well, the labels hold the preference and the reward model's shortfall is
    the model's: it does not compute these terms from text well enough.
+3. **What the backbone's features hold** (with ``--probe_model``, e.g. the SFT export the reward model
+   starts from; a few minutes). Every distinct response is run once through the *frozen* model; a
+   linear Bradley-Terry head is fitted to the same noisy training rankings on its hidden states at each
+   of ``--probe_layers``, read at the last token or at the last token and the mean over the response's
+   tokens. The layer, reading and L2 penalty are chosen on the validation prompts' noise-free rankings;
+   the chosen probe is scored on the held-out pairs (by deciding term, and against the number of
+   training rankings it saw). It says how much of the preference these features expose to a linear
+   head, and how fast that grows with data.
 
 Writes ``--output`` (default ``runs/reward_diagnostics.json``) and prints a summary.
 """
@@ -26,10 +34,10 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.annotator import SimulatedAnnotator
-from rlhf_lightning.data.render import user_text
+from rlhf_lightning.data.render import encode_pair, user_text
 from rlhf_lightning.data.sources import read_records
 from rlhf_lightning.evaluation import outcome_interval, pair_outcomes, reward_model_outcomes
-from rlhf_lightning.models import load_reward_model, load_tokenizer
+from rlhf_lightning.models import backbone, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_lightning.precision import inference_autocast
 from rlhf_lightning.rl.ranking import bradley_terry_loss
 
@@ -52,6 +60,16 @@ def ranking_differences(rows: list[dict], annotator: SimulatedAnnotator) -> torc
             win, lose = (i, j) if row["ranks"][i] < row["ranks"][j] else (j, i)
             diffs.append([a - b for a, b in zip(feats[win], feats[lose])])
     return torch.tensor(diffs, dtype=torch.float64)
+
+
+def ranking_pairs(rows: list[dict]) -> list[tuple[int, int, int, int]]:
+    """``(row, winner, row, loser)`` response indices of every comparison of K-way ranking rows."""
+    pairs = []
+    for n, row in enumerate(rows):
+        for i, j in itertools.combinations(range(len(row["responses"])), 2):
+            win, lose = (i, j) if row["ranks"][i] < row["ranks"][j] else (j, i)
+            pairs.append((n, win, n, lose))
+    return pairs
 
 
 def fit_bradley_terry(differences: torch.Tensor, l2: float = 1e-4) -> torch.Tensor:
@@ -86,6 +104,120 @@ def summary(outcomes: list[float], prompts: list[str], terms: list[str]) -> dict
     return out
 
 
+@torch.no_grad()
+def response_features(
+    model, tokenizer, rows: list[dict], layers: list[int], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """Hidden states of the frozen ``model`` for every response of ``rows``, in row order: at each of
+    ``layers`` (0 = the embeddings), ``"last"`` at the response's last token ``(responses, layers,
+    hidden)`` and ``"mean"`` over its tokens. Each row is one prompt with its responses."""
+    encoded = [
+        encode_pair(tokenizer, row["prompt"], response, finished)
+        for row in rows
+        for response, finished in zip(row["responses"], row["finished"])
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
+    hidden = backbone(model).config.hidden_size
+    out = {k: torch.zeros(len(encoded), len(layers), hidden) for k in ("last", "mean")}
+    for begin in range(0, len(order), batch_size):
+        index = order[begin : begin + batch_size]
+        width = max(sum(map(len, encoded[i])) for i in index)
+        ids = torch.full((len(index), width), tokenizer.pad_token_id)
+        mask = torch.zeros(len(index), width, dtype=torch.long)
+        response = torch.zeros(len(index), width)
+        for row, i in enumerate(index):
+            prompt, completion = encoded[i]
+            n = len(prompt) + len(completion)
+            ids[row, :n] = torch.tensor(prompt + completion)
+            mask[row, :n] = 1
+            response[row, len(prompt) : n] = 1
+        states = backbone(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        last = mask.sum(-1) - 1
+        for k, layer in enumerate(layers):
+            h = states[layer].float()
+            out["last"][index, k] = h[torch.arange(len(index)), last]
+            out["mean"][index, k] = (h * response[..., None]).sum(1) / response.sum(1, keepdim=True)
+    return out
+
+
+def probe_scores(features: torch.Tensor, train_pairs: torch.Tensor, l2: float) -> torch.Tensor:
+    """Scores of a linear Bradley-Terry head fitted on standardised ``features`` to ``train_pairs``
+    (``(winner, loser)`` rows of indices into ``features``)."""
+    seen = features[train_pairs.flatten()]
+    z = ((features - seen.mean(0)) / (seen.std(0) + 1e-6)).double()
+    w = fit_bradley_terry(z[train_pairs[:, 0]] - z[train_pairs[:, 1]], l2)
+    return (z @ w).float()
+
+
+def backbone_probe(
+    model_path: str,
+    train: list[dict],
+    val: list[dict],
+    held_out: list[dict],
+    held_out_terms: list[str],
+    layers: list[int],
+    l2s: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0),
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0),
+) -> dict:
+    """Linear heads on a frozen model's features (see the module's docstring, point 3)."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path).eval()
+    rows = train + val + held_out
+    with inference_autocast():
+        features = response_features(model, tokenizer, rows, layers)
+    offsets = [0]
+    for row in rows:
+        offsets.append(offsets[-1] + len(row["responses"]))
+
+    def indices(pairs: list[tuple[int, int, int, int]], first_row: int) -> torch.Tensor:
+        return torch.tensor(
+            [(offsets[first_row + a] + i, offsets[first_row + b] + j) for a, i, b, j in pairs]
+        )
+
+    train_pairs = indices(ranking_pairs(train), 0)
+    val_pairs = indices(ranking_pairs(val), len(train))
+    held_out_pairs = indices([(n, 0, n, 1) for n in range(len(held_out))], len(train) + len(val))
+    prompts = [user_text(r["prompt"]) for r in held_out]
+
+    def accuracy(scores: torch.Tensor, pairs: torch.Tensor) -> list[float]:
+        return pair_outcomes(scores[pairs[:, 0]].tolist(), scores[pairs[:, 1]].tolist())
+
+    readings = {"last": lambda k: features["last"][:, k]}
+    readings["mean+last"] = lambda k: torch.cat([features["last"][:, k], features["mean"][:, k]], -1)
+    results = []
+    for k, layer in enumerate(layers):
+        for reading, read in readings.items():
+            for l2 in l2s:
+                scores = probe_scores(read(k), train_pairs, l2)
+                val_outcomes = accuracy(scores, val_pairs)
+                results.append({
+                    "layer": layer, "reading": reading, "l2": l2,
+                    "validation": sum(val_outcomes) / len(val_outcomes),
+                    "held_out": sum(accuracy(scores, held_out_pairs)) / len(held_out_pairs),
+                })  # fmt: skip
+    best = max(results, key=lambda r: r["validation"])
+    read = readings[best["reading"]](layers.index(best["layer"]))
+    outcomes = accuracy(probe_scores(read, train_pairs, best["l2"]), held_out_pairs)
+    curve = []
+    per_row = len(train_pairs) / len(train)
+    for fraction in fractions:
+        n_rows = max(1, round(fraction * len(train)))
+        subset = train_pairs[: round(n_rows * per_row)]
+        scores = probe_scores(read, subset, best["l2"])
+        val_outcomes = accuracy(scores, val_pairs)
+        curve.append({
+            "rankings": n_rows, "comparisons": len(subset),
+            "validation": sum(val_outcomes) / len(val_outcomes),
+            "held_out": sum(accuracy(scores, held_out_pairs)) / len(held_out_pairs),
+        })  # fmt: skip
+    return {
+        "model": model_path,
+        "by_layer": results,
+        "chosen": {**best, **summary(outcomes, prompts, held_out_terms)},
+        "learning_curve": curve,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reward", default="runs/pipeline/reward/export", help="a reward-model export")
     parser.add_argument("--train", default="bundled:preferences_train", help="the noisy training rankings")
     parser.add_argument("--held_out", default="bundled:eval_preferences", help="noise-free held-out pairs")
+    parser.add_argument("--val", default="bundled:preferences_val", help="noise-free rankings (probe choice)")
     parser.add_argument("--output", default="runs/reward_diagnostics.json")
+    parser.add_argument("--probe_model", default=None, help="a frozen model to probe (e.g. the SFT export)")
+    parser.add_argument("--probe_layers", type=int, nargs="+", default=[8, 16, 22, 30])
     args = parser.parse_args(argv)
     annotator = SimulatedAnnotator()
     held_out = [record for record, _ in read_records(args.held_out)]
@@ -107,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(outcomes) != len(held_out):
         raise ValueError(f"{args.held_out}: {len(held_out)} pairs, but only {len(outcomes)} could be scored")
 
-    weights = fit_bradley_terry(ranking_differences([r for r, _ in read_records(args.train)], annotator))
+    train = [r for r, _ in read_records(args.train)]
+    weights = fit_bradley_terry(ranking_differences(train, annotator))
     feature_scores = [
         [
             float(torch.tensor(term_features(annotator, prompt, r, f), dtype=weights.dtype) @ weights)
@@ -127,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
             **summary(feature_outcomes, prompts, deciding),
         },
     }
+    if args.probe_model:
+        val = [r for r, _ in read_records(args.val)]
+        report["backbone_probe"] = backbone_probe(
+            args.probe_model, train, val, held_out, deciding, args.probe_layers
+        )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(f"{report['pairs']} held-out pairs; accuracy by the term that decides each pair:")
@@ -137,6 +278,21 @@ def main(argv: list[str] | None = None) -> dict:
             f"{term:<10} {stats['pairs']:>6} {stats['accuracy']:>14.3f} {ft['by_deciding_term'][term]['accuracy']:>17.3f}"
         )
     print(f"{'all':<10} {report['pairs']:>6} {rm['accuracy']:>14.3f} {ft['accuracy']:>17.3f}")
+    if args.probe_model:
+        probe = report["backbone_probe"]
+        chosen = probe["chosen"]
+        print(
+            f"linear head on {args.probe_model} (frozen), chosen on validation: layer {chosen['layer']}, "
+            f"{chosen['reading']}, l2 {chosen['l2']}: held-out {chosen['accuracy']:.3f} "
+            f"[{chosen['interval'][0]:.3f}, {chosen['interval'][1]:.3f}]"
+        )
+        for term, stats in chosen["by_deciding_term"].items():
+            print(f"  {term:<10} {stats['pairs']:>6} {stats['accuracy']:>8.3f}")
+        for point in probe["learning_curve"]:
+            print(
+                f"  {point['rankings']:>4} rankings ({point['comparisons']} comparisons): "
+                f"validation {point['validation']:.3f}, held-out {point['held_out']:.3f}"
+            )
     return report
 
 

@@ -44,6 +44,25 @@ def test_ranking_differences_are_winner_minus_loser(script):
     assert diag.ranking_differences([row], annotator).tolist() == expected
 
 
+def test_ranking_pairs_index_winner_then_loser(script):
+    diag = script("reward_diagnostics")
+    rows = [{"responses": ["a", "b", "c"], "ranks": [3, 1, 2]}, {"responses": ["d", "e"], "ranks": [1, 2]}]
+    assert diag.ranking_pairs(rows) == [(0, 1, 0, 0), (0, 2, 0, 0), (0, 1, 0, 2), (1, 0, 1, 1)]
+
+
+def test_probe_scores_recover_the_feature_that_decides(script):
+    diag = script("reward_diagnostics")
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 6, generator=gen) * torch.tensor([1.0, 5.0, 0.1, 3.0, 1.0, 1.0])
+    pairs = torch.randint(0, 200, (2000, 2), generator=gen)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    winner_first = features[pairs[:, 0], 2] > features[pairs[:, 1], 2]  # a small-scale feature decides
+    train = torch.where(winner_first[:, None], pairs, pairs.flip(1))
+    scores = diag.probe_scores(features, train, l2=1e-3)
+    ranks = scores.argsort().argsort().double()
+    assert torch.corrcoef(torch.stack([ranks, features[:, 2].argsort().argsort().double()]))[0, 1] > 0.99
+
+
 def test_end_to_end_on_a_tiny_reward_model(script, tiny_exports, tmp_path):
     diag = script("reward_diagnostics")
     annotator = SimulatedAnnotator()
@@ -71,6 +90,7 @@ def test_end_to_end_on_a_tiny_reward_model(script, tiny_exports, tmp_path):
     report = diag.main([
         "--reward", str(tiny_exports["reward"]), "--train", str(paths["train"]),
         "--held_out", str(paths["held_out"]), "--output", str(out),
+        "--val", str(paths["train"]), "--probe_model", str(tiny_exports["policy"]), "--probe_layers", "0", "2",
     ])  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["pairs"] == len(topics)
@@ -79,3 +99,13 @@ def test_end_to_end_on_a_tiny_reward_model(script, tiny_exports, tmp_path):
     rm = report["reward_model"]
     assert rm["by_deciding_term"]["on_topic"]["pairs"] == len(topics)
     assert 0.0 <= rm["accuracy"] <= 1.0 and rm["interval"][0] <= rm["accuracy"] <= rm["interval"][1]
+    probe = report["backbone_probe"]
+    assert {(r["layer"], r["reading"]) for r in probe["by_layer"]} == {
+        (layer, reading) for layer in (0, 2) for reading in ("last", "mean+last")
+    }
+    chosen = probe["chosen"]
+    assert chosen["validation"] == max(r["validation"] for r in probe["by_layer"])
+    assert 0.0 <= chosen["accuracy"] <= 1.0 and set(chosen["by_deciding_term"]) == {"on_topic"}
+    curve = probe["learning_curve"]
+    assert [p["rankings"] for p in curve] == [1, 2, 3, 6]  # round(fraction * 6), at least one
+    assert [p["comparisons"] for p in curve] == [3, 6, 9, 18]
