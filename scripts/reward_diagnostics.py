@@ -50,26 +50,26 @@ def term_features(annotator: SimulatedAnnotator, prompt: str, response: str, fin
     return [c[t] for t in TERMS]
 
 
-def ranking_differences(rows: list[dict], annotator: SimulatedAnnotator) -> torch.Tensor:
-    """``features(winner) - features(loser)`` for every comparison of K-way ranking rows (rank 1 = best)."""
-    diffs = []
-    for row in rows:
-        prompt = user_text(row["prompt"])
-        feats = [term_features(annotator, prompt, r, f) for r, f in zip(row["responses"], row["finished"])]
-        for i, j in itertools.combinations(range(len(feats)), 2):
-            win, lose = (i, j) if row["ranks"][i] < row["ranks"][j] else (j, i)
-            diffs.append([a - b for a, b in zip(feats[win], feats[lose])])
-    return torch.tensor(diffs, dtype=torch.float64)
-
-
-def ranking_pairs(rows: list[dict]) -> list[tuple[int, int, int, int]]:
-    """``(row, winner, row, loser)`` response indices of every comparison of K-way ranking rows."""
+def ranking_pairs(rows: list[dict]) -> list[tuple[int, int, int]]:
+    """``(row, winner, loser)`` for every comparison of K-way ranking rows (rank 1 = best)."""
     pairs = []
     for n, row in enumerate(rows):
         for i, j in itertools.combinations(range(len(row["responses"])), 2):
-            win, lose = (i, j) if row["ranks"][i] < row["ranks"][j] else (j, i)
-            pairs.append((n, win, n, lose))
+            pairs.append((n, i, j) if row["ranks"][i] < row["ranks"][j] else (n, j, i))
     return pairs
+
+
+def ranking_differences(rows: list[dict], annotator: SimulatedAnnotator) -> torch.Tensor:
+    """``features(winner) - features(loser)`` for every comparison of K-way ranking rows."""
+    feats = [
+        [
+            term_features(annotator, user_text(row["prompt"]), r, f)
+            for r, f in zip(row["responses"], row["finished"])
+        ]
+        for row in rows
+    ]
+    diffs = [[a - b for a, b in zip(feats[n][win], feats[n][lose])] for n, win, lose in ranking_pairs(rows)]
+    return torch.tensor(diffs, dtype=torch.float64)
 
 
 def fit_bradley_terry(differences: torch.Tensor, l2: float = 1e-4) -> torch.Tensor:
@@ -169,14 +169,12 @@ def backbone_probe(
     for row in rows:
         offsets.append(offsets[-1] + len(row["responses"]))
 
-    def indices(pairs: list[tuple[int, int, int, int]], first_row: int) -> torch.Tensor:
-        return torch.tensor(
-            [(offsets[first_row + a] + i, offsets[first_row + b] + j) for a, i, b, j in pairs]
-        )
+    def indices(pairs: list[tuple[int, int, int]], first_row: int) -> torch.Tensor:
+        return torch.tensor([(offsets[first_row + n] + i, offsets[first_row + n] + j) for n, i, j in pairs])
 
     train_pairs = indices(ranking_pairs(train), 0)
     val_pairs = indices(ranking_pairs(val), len(train))
-    held_out_pairs = indices([(n, 0, n, 1) for n in range(len(held_out))], len(train) + len(val))
+    held_out_pairs = indices([(n, 0, 1) for n in range(len(held_out))], len(train) + len(val))
     prompts = [user_text(r["prompt"]) for r in held_out]
 
     def accuracy(scores: torch.Tensor, pairs: torch.Tensor) -> list[float]:

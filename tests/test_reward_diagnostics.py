@@ -47,7 +47,7 @@ def test_ranking_differences_are_winner_minus_loser(script):
 def test_ranking_pairs_index_winner_then_loser(script):
     diag = script("reward_diagnostics")
     rows = [{"responses": ["a", "b", "c"], "ranks": [3, 1, 2]}, {"responses": ["d", "e"], "ranks": [1, 2]}]
-    assert diag.ranking_pairs(rows) == [(0, 1, 0, 0), (0, 2, 0, 0), (0, 1, 0, 2), (1, 0, 1, 1)]
+    assert diag.ranking_pairs(rows) == [(0, 1, 0), (0, 2, 0), (0, 1, 2), (1, 0, 1)]
 
 
 def test_probe_scores_recover_the_feature_that_decides(script):
