@@ -71,3 +71,19 @@ def test_versus_gives_a_judged_policys_figures_and_its_verdict_without_the_sampl
         "outcomes": {"wins": 3, "ties": 0, "losses": 2},
     }
     assert versus(report, "ppo", "base")["win_rate"] == 0.7
+
+
+def test_gold_terms_are_each_terms_mean_contribution():
+    from rlhf_lightning.annotator import SimulatedAnnotator
+    from rlhf_lightning.evaluation import gold_terms
+
+    annotator = SimulatedAnnotator()
+    prompts = ["Explain volcanoes in one sentence.", "Describe rain in one sentence."]
+    texts = ["Volcanoes are wonderful mountains that erupt.", "It rains rains rains rains."]
+    finished = [True, False]
+    terms = gold_terms(annotator, prompts, texts, finished)
+    each = [annotator.weighted_components(p, t, f) for p, t, f in zip(prompts, texts, finished)]
+    assert terms == {term: pytest.approx((each[0][term] + each[1][term]) / 2) for term in each[0]}
+    assert terms["finished"] == 0.5  # one of the two ended with EOS, weight 1
+    gold = [annotator.score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
+    assert sum(terms.values()) == pytest.approx(sum(gold) / 2)

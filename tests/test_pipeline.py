@@ -55,6 +55,9 @@ def test_report_and_plots(run_dir, read_scalars):
     assert figures["win_rates"]["ppo_vs_sft"] == pytest.approx((counts["wins"] + counts["ties"] / 2) / 240)
     assert f"{counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses" in report
     assert low <= figures["win_rates"]["ppo_vs_sft"] <= high
+    for policy in figures["policies"].values():  # the rubric's terms add up to the gold score
+        assert sum(policy["gold_terms"].values()) == pytest.approx(policy["gold_score"])
+    assert "Gold score by rubric term" in report
     scalars = read_scalars(run_dir / "tb" / "ppo")
     assert len(scalars["objective/scores"]) == 4
 

@@ -286,6 +286,7 @@ def evaluate(
             "kl_to_sft": sum(s.kl_to_sft) / n,
             "response_length": sum(s.lengths) / n,
             "eos_rate": sum(s.finished) / n,
+            "gold_terms": gold_terms(annotator, prompt_texts, s.texts, s.finished),
             "examples": [
                 {"prompt": p, "response": t, "gold": g, "proxy": q, "finished": f}
                 for p, t, g, q, f in zip(prompt_texts, s.texts, s.gold, s.proxy, s.finished)
@@ -312,11 +313,23 @@ def evaluate(
     return report
 
 
+def gold_terms(
+    annotator: SimulatedAnnotator, prompts: list[str], texts: list[str], finished: list[bool]
+) -> dict[str, float]:
+    """Mean contribution of each rubric term to the gold score over the samples (they sum to the mean
+    gold score): which terms a policy gained or lost."""
+    totals: dict[str, float] = {}
+    for prompt, text, done in zip(prompts, texts, finished, strict=True):
+        for term, value in annotator.weighted_components(prompt, text, done).items():
+            totals[term] = totals.get(term, 0.0) + value
+    return {term: total / len(texts) for term, total in totals.items()}
+
+
 def versus(report: dict, name: str, other: str = "sft") -> dict:
     """One judged policy's figures from an :func:`evaluate` report (its samples left out), with its win
     rate over ``other``, the 95% interval and the wins / ties / losses."""
     key = f"{name}_vs_{other}"
-    figures = {k: v for k, v in report["policies"][name].items() if k != "examples"}
+    figures = {k: v for k, v in report["policies"][name].items() if k not in ("examples", "gold_terms")}
     return {
         **figures,
         "win_rate": report["win_rates"][key],

@@ -185,6 +185,18 @@ def write_report(
             f"| {name} | {p['gold_score']:.3f} | {p['proxy_score']:.3f} | {p['kl_to_sft']:.2f} | "
             f"{p['response_length']:.1f} | {p['eos_rate']:.0%} |"
         )
+    terms = [name for name, p in report["policies"].items() if p.get("gold_terms")]
+    if terms:
+        columns = list(report["policies"][terms[0]]["gold_terms"])
+        lines += [
+            "",
+            "Gold score by rubric term (mean weighted contribution; they sum to the gold score):",
+            "",
+        ]
+        lines += ["| policy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for name in terms:
+            values = report["policies"][name]["gold_terms"]
+            lines.append(f"| {name} | " + " | ".join(f"{values[c]:.3f}" for c in columns) + " |")
     lines += ["", "## Win rates of the PPO policy (annotator, noise-free; ties count half; 95% interval)", ""]
     for pair, rate in report.get("win_rates", {}).items():
         noisy = report.get("noisy_win_rates", {}).get(pair)
