@@ -326,8 +326,8 @@ def gold_terms(
 
 
 def versus(report: dict, name: str, other: str = "sft") -> dict:
-    """One judged policy's figures from an :func:`evaluate` report (its samples left out), with its win
-    rate over ``other``, the 95% interval and the wins / ties / losses."""
+    """One judged policy's scalar figures from an :func:`evaluate` report (its samples and gold terms
+    left out), with its win rate over ``other``, the 95% interval and the wins / ties / losses."""
     key = f"{name}_vs_{other}"
     figures = {k: v for k, v in report["policies"][name].items() if k not in ("examples", "gold_terms")}
     return {
