@@ -180,34 +180,27 @@ def backbone_probe(
     def accuracy(scores: torch.Tensor, pairs: torch.Tensor) -> list[float]:
         return pair_outcomes(scores[pairs[:, 0]].tolist(), scores[pairs[:, 1]].tolist())
 
+    def judged(scores: torch.Tensor) -> dict[str, float]:
+        val, held = accuracy(scores, val_pairs), accuracy(scores, held_out_pairs)
+        return {"validation": sum(val) / len(val), "held_out": sum(held) / len(held)}
+
     readings = {"last": lambda k: features["last"][:, k]}
     readings["mean+last"] = lambda k: torch.cat([features["last"][:, k], features["mean"][:, k]], -1)
-    results = []
-    for k, layer in enumerate(layers):
-        for reading, read in readings.items():
-            for l2 in l2s:
-                scores = probe_scores(read(k), train_pairs, l2)
-                val_outcomes = accuracy(scores, val_pairs)
-                results.append({
-                    "layer": layer, "reading": reading, "l2": l2,
-                    "validation": sum(val_outcomes) / len(val_outcomes),
-                    "held_out": sum(accuracy(scores, held_out_pairs)) / len(held_out_pairs),
-                })  # fmt: skip
+    results = [
+        {"layer": layer, "reading": reading, "l2": l2, **judged(probe_scores(read(k), train_pairs, l2))}
+        for k, layer in enumerate(layers)
+        for reading, read in readings.items()
+        for l2 in l2s
+    ]
     best = max(results, key=lambda r: r["validation"])
     read = readings[best["reading"]](layers.index(best["layer"]))
     outcomes = accuracy(probe_scores(read, train_pairs, best["l2"]), held_out_pairs)
     curve = []
-    per_row = len(train_pairs) / len(train)
     for fraction in fractions:
         n_rows = max(1, round(fraction * len(train)))
-        subset = train_pairs[: round(n_rows * per_row)]
+        subset = train_pairs[: len(ranking_pairs(train[:n_rows]))]  # the pairs are in row order
         scores = probe_scores(read, subset, best["l2"])
-        val_outcomes = accuracy(scores, val_pairs)
-        curve.append({
-            "rankings": n_rows, "comparisons": len(subset),
-            "validation": sum(val_outcomes) / len(val_outcomes),
-            "held_out": sum(accuracy(scores, held_out_pairs)) / len(held_out_pairs),
-        })  # fmt: skip
+        curve.append({"rankings": n_rows, "comparisons": len(subset), **judged(scores)})
     return {
         "model": model_path,
         "by_layer": results,
