@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.annotator import SimulatedAnnotator
+from rlhf_lightning.data.batching import mask_of, pad
 from rlhf_lightning.data.render import encode_pair, user_text
 from rlhf_lightning.data.sources import read_records
 from rlhf_lightning.evaluation import outcome_interval, pair_outcomes, reward_model_outcomes
@@ -121,16 +122,9 @@ def response_features(
     out = {k: torch.zeros(len(encoded), len(layers), hidden) for k in ("last", "mean")}
     for begin in range(0, len(order), batch_size):
         index = order[begin : begin + batch_size]
-        width = max(sum(map(len, encoded[i])) for i in index)
-        ids = torch.full((len(index), width), tokenizer.pad_token_id)
-        mask = torch.zeros(len(index), width, dtype=torch.long)
-        response = torch.zeros(len(index), width)
-        for row, i in enumerate(index):
-            prompt, completion = encoded[i]
-            n = len(prompt) + len(completion)
-            ids[row, :n] = torch.tensor(prompt + completion)
-            mask[row, :n] = 1
-            response[row, len(prompt) : n] = 1
+        sequences = [encoded[i][0] + encoded[i][1] for i in index]
+        ids, mask = pad(sequences, tokenizer.pad_token_id), mask_of(sequences)
+        response = pad([[0] * len(encoded[i][0]) + [1] * len(encoded[i][1]) for i in index], 0).float()
         states = backbone(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         last = mask.sum(-1) - 1
         for k, layer in enumerate(layers):
