@@ -84,6 +84,26 @@ def test_a_stopped_pipeline_says_so_and_exits_non_zero(tmp_path, monkeypatch, ca
     assert not (tmp_path / "evaluation.json").exists()
 
 
+def test_precision_is_passed_to_every_stage_before_its_overrides(tmp_path, monkeypatch):
+    """--precision 32-true (an AVX2-only CPU's path on any machine) goes to each stage as
+    --trainer.precision, ahead of the stage's own overrides, which therefore still win."""
+    from rlhf_lightning import pipeline
+    from rlhf_lightning.errors import StageStopped
+
+    calls = []
+
+    def record(stage, args):
+        calls.append((stage, args))
+        raise StageStopped(stage, "SIGTERM", None)
+
+    monkeypatch.setattr(pipeline, "run_stage", record)
+    args = ["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(tmp_path), "--precision", "32-true"]
+    assert main([*args, "--sft_overrides", json.dumps(["--trainer.max_steps", "1"])]) == 143
+    [(stage, stage_args)] = calls
+    assert stage == "sft"
+    assert stage_args[3:] == ["--trainer.precision", "32-true", "--trainer.max_steps", "1"]
+
+
 def test_a_ppo_variant_starts_from_another_runs_exports(run_dir, tmp_path):
     """--start_from: the SFT and reward exports of a finished run, a new PPO stage (here on the annotator's
     gold reward) and a new evaluation, in one command."""
@@ -92,12 +112,14 @@ def test_a_ppo_variant_starts_from_another_runs_exports(run_dir, tmp_path):
     variant = tmp_path / "gold"
     reward_function = "--model.init_args.reward_function.class_path=rlhf_lightning.rewards.AnnotatorReward"
     args = ["pipeline", "-c", str(TINY_PIPELINE), "--run_dir", str(variant), "--start_from", str(run_dir)]
-    assert main([*args, "--judge_base", "false", "--ppo_overrides", json.dumps([reward_function])]) == 0
+    args += ["--judge_base", "false", "--precision", "32-true"]
+    assert main([*args, "--ppo_overrides", json.dumps([reward_function])]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward").exists()
     ppo = yaml.safe_load((variant / "ppo" / "config.yaml").read_text())["model"]["init_args"]
     assert ppo["policy"] == str(run_dir / "sft" / "export")
     figures = json.loads((variant / "evaluation.json").read_text())
     assert set(figures["policies"]) == {"ppo", "sft"}
+    assert figures["precision"] == "32-true"  # --precision reaches the evaluation
     AutoModelForCausalLM.from_pretrained(variant / "ppo" / "export")
 
 

@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -60,6 +61,8 @@ class EvaluationOptions:
         temperature: Sampling temperature; ``None``: the PPO stage's, else 0.7.
         batch_size: Prompts per generation batch (decoding is memory-bound: large batches are nearly free).
         seed: Sampling seed; every policy sees the same one.
+        precision: ``bf16-mixed`` or ``32-true``; ``None``: chosen for the machine
+            (:func:`rlhf_lightning.precision.auto_precision`).
     """
 
     prompts: str = "bundled:eval_prompts"
@@ -69,6 +72,7 @@ class EvaluationOptions:
     temperature: float | None = None
     batch_size: int = 64
     seed: int = 1234
+    precision: Literal["bf16-mixed", "32-true"] | None = None
 
 
 @dataclass
@@ -256,7 +260,9 @@ def evaluate(
             prompt_texts.append(user)
             rendered.append(prompt_text(tokenizer, row.prompt))
     annotator = SimulatedAnnotator(temperature=annotator_temperature)
-    precision, reason = auto_precision()
+    precision, reason = (
+        (options.precision, "set by evaluation.precision") if options.precision else auto_precision()
+    )
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     print(f"evaluation: {len(rendered)} samples per policy, precision {precision} ({reason})")
     rm = linear_weights_to(load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval(), dtype)

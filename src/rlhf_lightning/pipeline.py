@@ -16,7 +16,9 @@ import gc
 import json
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -66,8 +68,6 @@ def write_stage_config(
 
 def sample_like_ppo(options: EvaluationOptions, ppo_config: Path) -> EvaluationOptions:
     """Evaluation samples the way PPO did (response length, temperature) unless told otherwise."""
-    from dataclasses import replace
-
     import yaml
 
     init_args = {}
@@ -93,6 +93,7 @@ def run_pipeline(
     annotator_temperature: float | None = None,
     judge_base: bool = True,
     start_from: str | None = None,
+    precision: Literal["bf16-mixed", "32-true"] | None = None,
 ) -> dict:
     """Run the whole recipe; returns the evaluation report.
 
@@ -114,6 +115,9 @@ def run_pipeline(
             reward function) compare from the same starting point.
         judge_base: Also sample and judge the base model in the evaluation (``ppo_vs_base``): one more
             policy to sample, about a third more evaluation time.
+        precision: Precision of every stage and the evaluation (``None``: chosen for the machine,
+            bf16-mixed where bf16 matmuls are native, else 32-true; a stage's overrides still win).
+            ``32-true`` on any CPU runs the path an AVX2-only CPU takes.
     """
     run = Path(run_dir)
     tb = run / "tb"
@@ -140,7 +144,8 @@ def run_pipeline(
             rank_zero_info(f"[pipeline] {stage}: export {exports[stage]} exists, stage skipped")
             continue
         stage_config = write_stage_config(config, run / stage, tb, stage, inputs, exports[stage])
-        args = ["fit", "-c", str(stage_config), *(overrides or [])]
+        forced = ["--trainer.precision", precision] if precision else []
+        args = ["fit", "-c", str(stage_config), *forced, *(overrides or [])]
         if (run / stage / "checkpoints" / "last.ckpt").exists():
             args += ["--ckpt_path", "last"]
         rank_zero_info(f"[pipeline] {stage}: rlhf-lightning {stage} {' '.join(args)}")
@@ -160,6 +165,8 @@ def run_pipeline(
     if judge_base:
         policies["base"] = base_model
     evaluation = sample_like_ppo(evaluation or EvaluationOptions(), run / "ppo" / "config.yaml")
+    if precision and evaluation.precision is None:
+        evaluation = replace(evaluation, precision=precision)
     report = evaluate(
         policies, str(exports["sft"]), str(exports["reward"]), evaluation, annotator_temperature
     )
