@@ -35,6 +35,7 @@ from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate, outcome_interval, pair_outcomes
 from rlhf_lightning.pipeline import sample_like_ppo
+from rlhf_lightning.report import save_figure
 from rlhf_lightning.rl.best_of_n import best_of_n_kl, best_of_n_weights
 
 SELECTORS = ("proxy", "gold")
@@ -181,9 +182,7 @@ def plot(curves: dict[str, list[dict]], points: list[dict], path: Path) -> None:
     below = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncol": 2}
     gain.legend(handles=handles, **below)
     win.legend(**below)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

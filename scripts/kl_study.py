@@ -25,7 +25,7 @@ from pathlib import Path
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate, versus
 from rlhf_lightning.pipeline import sample_like_ppo, write_stage_config
-from rlhf_lightning.report import read_scalars
+from rlhf_lightning.report import read_scalars, save_figure
 from rlhf_lightning.stages import run_stage
 
 
@@ -87,9 +87,7 @@ def plot(results: list[dict], sft: dict, path: Path) -> None:
     run.set_title("during training, validation prompts (GoldJudge)", fontsize=9)
     run.grid(alpha=0.3)
     run.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

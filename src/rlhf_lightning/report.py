@@ -26,15 +26,20 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def finish_figure(fig, ax, path: Path) -> None:
-    """Legend, grid, tight layout; write ``path`` and free the figure (the scripts' single-panel plots)."""
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Tight layout; write ``path`` and free the figure."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def finish_figure(fig, ax, path: Path) -> None:
+    """Legend and grid, then :func:`save_figure` (the scripts' single-panel plots)."""
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ppo_curves(scalars: dict, path: Path) -> Path | None:
@@ -69,9 +74,7 @@ def plot_ppo_curves(scalars: dict, path: Path) -> Path | None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("PPO episodes" if episodes else "step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -104,9 +107,7 @@ def plot_evaluation(report: dict, path: Path) -> Path:
     right.set_ylim(0, 1)
     right.set_title("annotator win rate of PPO", fontsize=9)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
