@@ -31,7 +31,6 @@ import math
 import statistics
 from pathlib import Path
 
-from rlhf_lightning.annotator import SimulatedAnnotator
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate, outcome_interval, pair_outcomes
 from rlhf_lightning.pipeline import sample_like_ppo
@@ -56,20 +55,13 @@ def mean_with_interval(values: list[float], low: float = -math.inf, high: float 
     return {"mean": mean, "interval": [max(low, mean - half), min(high, mean + half)]}
 
 
-def add_terms(samples: list[list[dict]], annotator: SimulatedAnnotator) -> None:
-    """Each sample's weighted rubric terms (``terms``; they sum to its gold score), in place."""
-    for group in samples:
-        for s in group:
-            s["terms"] = annotator.weighted_components(s["prompt"], s["response"], s["finished"])
-
-
 def selection_curve(
     pools: list[list[dict]], opponents: list[list[dict]], sizes: list[int], selector: str
 ) -> list[dict]:
     """Best-of-n by ``selector`` ("proxy" or "gold") for each n of ``sizes``.
 
     ``pools[p]`` are prompt p's samples best-of-n chooses among, ``opponents[p]`` its other SFT samples,
-    each a dict with ``gold``, ``proxy`` and ``terms`` (:func:`add_terms`).
+    each an evaluation example: ``gold``, ``proxy`` and ``terms`` (the weighted rubric terms).
     """
     rows = []
     for n in sizes:
@@ -234,7 +226,6 @@ def main(argv: list[str] | None = None) -> None:
     samples = by_prompt(report["policies"]["sft"]["examples"], per_prompt)
     pools, opponents = [s[: args.n] for s in samples], [s[args.n :] for s in samples]
     sizes = sorted({2**i for i in range(args.n.bit_length())} | {args.n})
-    add_terms(samples, SimulatedAnnotator(temperature=temperature))
     curves = {selector: selection_curve(pools, opponents, sizes, selector) for selector in SELECTORS}
     summary = {
         "prompts": args.prompts,

@@ -85,6 +85,7 @@ class PolicySamples:
     gold: list[float] = field(default_factory=list)
     proxy: list[float] = field(default_factory=list)
     kl_to_sft: list[float] = field(default_factory=list)
+    terms: list[dict[str, float]] = field(default_factory=list)  # each sample's weighted rubric terms
 
 
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
@@ -176,7 +177,9 @@ def _sample_policy(
             out.texts.append(text)
             out.finished.append(done)
             out.lengths.append(length)
-            out.gold.append(annotator.score(prompt_texts[begin + i], text, done))
+            terms = annotator.weighted_components(prompt_texts[begin + i], text, done)
+            out.terms.append(terms)
+            out.gold.append(sum(terms.values()))  # the annotator's score
     return out
 
 
@@ -292,10 +295,10 @@ def evaluate(
             "kl_to_sft": sum(s.kl_to_sft) / n,
             "response_length": sum(s.lengths) / n,
             "eos_rate": sum(s.finished) / n,
-            "gold_terms": gold_terms(annotator, prompt_texts, s.texts, s.finished),
+            "gold_terms": mean_terms(s.terms),
             "examples": [
-                {"prompt": p, "response": t, "gold": g, "proxy": q, "finished": f}
-                for p, t, g, q, f in zip(prompt_texts, s.texts, s.gold, s.proxy, s.finished)
+                {"prompt": p, "response": t, "gold": g, "proxy": q, "finished": f, "terms": c}
+                for p, t, g, q, f, c in zip(prompt_texts, s.texts, s.gold, s.proxy, s.finished, s.terms)
             ],
         }
     for judged_name in (name for name in judged if name in samples):
@@ -324,11 +327,17 @@ def gold_terms(
 ) -> dict[str, float]:
     """Mean contribution of each rubric term to the gold score over the samples (they sum to the mean
     gold score): which terms a policy gained or lost."""
+    zipped = zip(prompts, texts, finished, strict=True)
+    return mean_terms([annotator.weighted_components(p, t, f) for p, t, f in zipped])
+
+
+def mean_terms(terms: list[dict[str, float]]) -> dict[str, float]:
+    """Each rubric term's mean over samples' weighted terms (:meth:`SimulatedAnnotator.weighted_components`)."""
     totals: dict[str, float] = {}
-    for prompt, text, done in zip(prompts, texts, finished, strict=True):
-        for term, value in annotator.weighted_components(prompt, text, done).items():
+    for each in terms:
+        for term, value in each.items():
             totals[term] = totals.get(term, 0.0) + value
-    return {term: total / len(texts) for term, total in totals.items()}
+    return {term: total / len(terms) for term, total in totals.items()}
 
 
 def versus(report: dict, name: str, other: str = "sft") -> dict:
