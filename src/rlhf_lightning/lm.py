@@ -10,13 +10,14 @@ share-prompt preference batch, whose responses restart where their prompt ends.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhf_lightning.errors import ConfigurationError
-from rlhf_lightning.models import backbone, lm_head, score_head
+from rlhf_lightning.models import backbone, decoder_layers, lm_head, score_head
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -33,6 +34,70 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+def hidden_states_and_trunk(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, blocks: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`hidden_states`, and the hidden states the lowest ``blocks`` transformer blocks hand to the
+    next one (the "trunk"), read in the same forward pass."""
+    captured = []
+
+    def keep(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[blocks - 1].register_forward_hook(keep)
+    try:
+        hidden = hidden_states(model, input_ids, attention_mask)
+    finally:
+        handle.remove()
+    return hidden, captured[0]
+
+
+@contextmanager
+def _only_blocks_from(model: nn.Module, first: int):
+    """The backbone runs its transformer blocks from ``first`` on only; its input embeddings are then the
+    hidden states entering block ``first``."""
+    body, layers = backbone(model), decoder_layers(model)
+    name = next((n for n, child in body.named_children() if child is layers), None)
+    if name is None:
+        raise ConfigurationError(
+            f"{type(body).__name__} keeps its blocks below the top level: cannot run part of them"
+        )
+    setattr(body, name, nn.ModuleList(list(layers)[first:]))
+    try:
+        yield body
+    finally:
+        setattr(body, name, layers)
+
+
+def hidden_states_from_trunk(model: nn.Module, trunk: Tensor, attention_mask: Tensor, blocks: int) -> Tensor:
+    """:func:`hidden_states` computed from the trunk of :func:`hidden_states_and_trunk`: only the blocks
+    above the lowest ``blocks`` run. A frozen trunk shared by two models (a policy whose lower blocks do
+    not train, and its reference) is then computed once for both."""
+    with _only_blocks_from(model, blocks) as body:
+        out = body(
+            inputs_embeds=trunk,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
+    return out.last_hidden_state
+
+
+def trunk_is_reusable(model: nn.Module, blocks: int) -> bool:
+    """Whether :func:`hidden_states_from_trunk` gives ``model``'s hidden states (checked on a few tokens):
+    architectures that rescale their input embeddings inside the backbone (Gemma) do not."""
+    ids = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7]], device=next(model.parameters()).device)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]], device=ids.device)
+    try:
+        with torch.no_grad():
+            hidden, trunk = hidden_states_and_trunk(model, ids, mask, blocks)
+            again = hidden_states_from_trunk(model, trunk, mask, blocks)
+    except (ConfigurationError, TypeError, ValueError):
+        return False
+    real = mask.bool()
+    return bool(torch.allclose(hidden[real], again[real], rtol=1e-4, atol=1e-5))
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:

@@ -519,3 +519,30 @@ def test_minibatch_must_divide_prompts_times_samples(exports, tmp_path):
     module = _module(exports, advantage_estimator="rloo", samples_per_prompt=3, minibatch_size=4)
     with pytest.raises(ConfigurationError, match="2 prompts x model.samples_per_prompt=3 = 6 responses"):
         _trainer(tmp_path, logger=False).fit(module, _data(exports, batch_size=2))
+
+
+def test_frozen_lower_blocks_are_computed_once_for_policy_reference_and_update(exports):
+    """With ``train_top_layers`` the reference reuses the policy's frozen lower blocks (the trunk) and the
+    update runs only the upper ones: the log-probabilities are the ones whole forward passes give."""
+    from rlhf_lightning.lm import response_logits, response_logprobs
+
+    assert _module(exports).shared_blocks is None  # every block trains: nothing to share
+    assert _module(exports, train_top_layers=1, reference=exports["policy"]).shared_blocks is None
+    module = _module(exports, train_top_layers=1, advantage_estimator="rloo", samples_per_prompt=2)
+    assert module.shared_blocks == 1  # tiny:llama has 2 blocks
+    data_module = _data(exports, batch_size=4)
+    data_module.setup("fit")
+    torch.manual_seed(0)
+    data = module.rollout(next(iter(data_module.train_dataloader())))
+    assert data.trunk.shape[:2] == data.input_ids.shape
+    h = module.hparams
+    with torch.no_grad():
+        whole = response_logprobs(
+            module.reference, data.input_ids, data.attention_mask, data.start, h.temperature,
+            module.suppressed, fp32_head=True,
+        )  # fmt: skip
+    torch.testing.assert_close(data.kl, (data.logprobs - whole) * data.mask, rtol=0, atol=1e-6)
+    mb = data.minibatch(torch.tensor([3, 0, 5]))
+    full = response_logits(module.policy, mb.input_ids, mb.attention_mask, mb.start, fp32_head=True)
+    torch.testing.assert_close(module.policy_logits(mb), full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(module.logprobs(full, mb.responses) * mb.mask, mb.logprobs, rtol=0, atol=1e-5)

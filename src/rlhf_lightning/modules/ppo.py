@@ -34,13 +34,16 @@ from rlhf_lightning.lm import (
     completion_logprob,
     head_logits,
     hidden_states,
+    hidden_states_from_trunk,
     logprobs_from_logits,
     response_logits,
     sequence_scores,
     suppressed_token,
+    trunk_is_reusable,
 )
 from rlhf_lightning.models import (
     LoraOptions,
+    decoder_layers,
     freeze,
     frozen_dtype,
     linear_weights_to,
@@ -217,6 +220,7 @@ class PPOModule(LightningModule):
         self.reference = None
         if reference is not None or lora is None:
             self.reference = freeze(load_causal_lm(reference or policy, trust_remote_code))
+        self.shared_blocks = self._shared_blocks(reference, lora, train_top_layers)
         pad = self.tokenizer.pad_token_id
         self.reward_function = reward_function
         self.reward_model, self.reward_stats = reward_source(
@@ -249,6 +253,19 @@ class PPOModule(LightningModule):
         self.last_rollout: Experience | None = None
         self.val_accuracy = nn.ModuleDict({"reward_model": MeanMetric(), "policy": MeanMetric()})
         self.train()
+
+    def _shared_blocks(self, reference: str | None, lora, top_layers: int | None) -> int | None:
+        """How many lower blocks the policy and the reference share: the policy's frozen ones, when the
+        reference is the policy's own starting point (``None``: nothing shared, each runs whole).
+
+        Their output (the trunk) is computed once per rollout, for the policy, the reference and every
+        minibatch step of the update, which then run only the upper blocks."""
+        if reference is not None or lora is not None or top_layers is None:
+            return None
+        blocks = len(decoder_layers(self.policy)) - top_layers
+        if blocks < 1 or not trunk_is_reusable(self.policy, blocks):
+            return None
+        return blocks
 
     def train(self, mode: bool = True) -> PPOModule:
         """Frozen models stay in eval mode whatever the trainer asks."""
@@ -344,6 +361,15 @@ class PPOModule(LightningModule):
             return head_logits(self.policy, hidden, fp32=True), self.value_head(hidden).squeeze(-1)
         logits = response_logits(self.policy, input_ids, attention_mask, start, fp32_head=True)
         return logits, self.critic_values(input_ids, attention_mask, start)
+
+    def policy_logits(self, experience: Experience) -> Tensor:
+        """The policy's fp32 logits for the response tokens of ``experience`` (a minibatch); only the upper
+        blocks run when the rollout kept the trunk of the frozen lower ones."""
+        e = experience
+        if e.trunk is None:
+            return response_logits(self.policy, e.input_ids, e.attention_mask, e.start, fp32_head=True)
+        hidden = hidden_states_from_trunk(self.policy, e.trunk, e.attention_mask, self.shared_blocks)
+        return head_logits(self.policy, hidden[:, e.start - 1 : -1], fp32=True)
 
     def critic_values(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """The separate critic's values for the tokens from ``start`` on."""

@@ -18,6 +18,8 @@ from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
     head_logprobs,
     hidden_states,
+    hidden_states_and_trunk,
+    hidden_states_from_trunk,
     last_token_index,
     response_logprobs,
     sample,
@@ -129,7 +131,12 @@ def collect(module, batch: dict) -> tuple[Experience, Tensor | None]:
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
 
     # the LM heads run over row groups (no gradients here): the batch's logits never exist at once
-    hidden = hidden_states(module.policy, input_ids, attention_mask)[:, start - 1 : -1]
+    blocks = module.shared_blocks
+    if blocks:
+        hidden, trunk = hidden_states_and_trunk(module.policy, input_ids, attention_mask, blocks)
+    else:
+        hidden, trunk = hidden_states(module.policy, input_ids, attention_mask), None
+    hidden = hidden[:, start - 1 : -1]
     values = None
     if module.critic is not None:
         values = module.critic_values(input_ids, attention_mask, start)
@@ -140,9 +147,16 @@ def collect(module, batch: dict) -> tuple[Experience, Tensor | None]:
     )
     del hidden
     with module.reference_model() as reference:
-        ref_logprobs = response_logprobs(
-            reference, input_ids, attention_mask, start, h.temperature, module.suppressed, fp32_head=True
-        )
+        if trunk is None:
+            ref_logprobs = response_logprobs(
+                reference, input_ids, attention_mask, start, h.temperature, module.suppressed, fp32_head=True
+            )
+        else:  # the reference's lower blocks are the policy's frozen ones: only its upper blocks run
+            ref_hidden = hidden_states_from_trunk(reference, trunk, attention_mask, blocks)[:, start - 1 : -1]
+            ref_logprobs = head_logprobs(
+                reference, ref_hidden, responses, h.temperature, module.suppressed, fp32_head=True
+            )
+            del ref_hidden
     raw_scores, scores = module.score(input_ids, attention_mask, responses, mask, batch.get("prompt_texts"))
 
     kl = kl_estimate(logprobs, ref_logprobs, h.kl_estimator) * mask
@@ -161,6 +175,7 @@ def collect(module, batch: dict) -> tuple[Experience, Tensor | None]:
         non_score_reward=-module.kl_controller.value * kl if penalised else torch.zeros_like(kl),
         ref_logprobs=None if penalised else ref_logprobs * mask,
         prompt_texts=batch.get("prompt_texts"),
+        trunk=trunk,
     )
     return experience, values
 

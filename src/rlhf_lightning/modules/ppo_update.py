@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from rlhf_lightning.lm import entropy_from_logits, response_logits
+from rlhf_lightning.lm import entropy_from_logits
 from rlhf_lightning.rl.experience import Experience
 from rlhf_lightning.rl.losses import kl_loss, masked_mean, policy_loss, value_loss
 
@@ -96,7 +96,7 @@ def minibatch_backward(module, mb: Experience) -> dict[str, Tensor] | None:
     if module.value_head is not None and not split:
         logits, values = module.policy_and_values(ids, mask, start)
     else:
-        logits = response_logits(module.policy, ids, mask, start, fp32_head=True)
+        logits = module.policy_logits(mb)
     logprobs = module.logprobs(logits, mb.responses)
     pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, h.clip_range)
     loss = pg_loss

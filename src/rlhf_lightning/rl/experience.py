@@ -39,6 +39,8 @@ class Experience:
         advantages: Per-token advantages (set by the estimator).
         returns: The value targets (``gae`` only).
         prompt_texts: The prompts' texts, one per episode, when the data carries them.
+        trunk: ``(B, start + T, hidden)`` the hidden states the policy's frozen lower blocks computed,
+            when they are shared with the reference (the update then runs the upper blocks only).
     """
 
     input_ids: Tensor
@@ -57,6 +59,7 @@ class Experience:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     prompt_texts: list[str] | None = None
+    trunk: Tensor | None = None
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -74,7 +77,7 @@ class Experience:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "prompt_texts":
+            if value is None or f.name in ("prompt_texts", "trunk"):
                 continue
             if f.name in PER_TOKEN:
                 out[f.name] = value[idx][:, :width]
@@ -87,6 +90,7 @@ class Experience:
             input_ids=self.input_ids[idx][:, first : self.start + width],
             attention_mask=attention[:, first : self.start + width],
             start=self.start - first,
+            trunk=None if self.trunk is None else self.trunk[idx][:, first : self.start + width],
             prompt_texts=[texts[i] for i in idx.tolist()] if texts is not None else None,
         )
 
