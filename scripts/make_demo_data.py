@@ -1,6 +1,6 @@
 """Remake the bundled demo data (src/rlhf_lightning/data/bundled) with the bundled model.
 
-python scripts/make_demo_data.py                      # the shipped files (about 15 minutes on 2 cores)
+python scripts/make_demo_data.py                      # the shipped files (about 31 minutes on 2 cores)
 python scripts/make_demo_data.py --model tiny:llama --n-prompts 20 --n-eval 5 --out /tmp/demo
 """
 
@@ -28,7 +28,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="as configs/ppo.yaml samples")
     parser.add_argument(
-        "--add-k", type=int, default=4, help="more responses per training prompt, sampled with seed + 1"
+        "--add-k",
+        type=int,
+        nargs="*",
+        default=[4, 8],
+        help="rounds of more responses per training prompt (the i-th sampled with seed + i), for the reward "
+        "model's rankings: the defaults make K = 4 + 4 + 8 = 16",
+    )
+    parser.add_argument(
+        "--demo-candidates",
+        type=int,
+        default=8,
+        help="each SFT demonstration is the best finished response among a prompt's first N (the SFT data "
+        "of K = 8, before the rankings grew to 16)",
     )
     parser.add_argument(
         "--annotate-only", action="store_true", help="reuse OUT/samples.jsonl: only rank and split"
@@ -41,9 +53,11 @@ def main() -> None:
         sample_demo_responses(
             args.out, args.model, args.n_prompts, args.n_eval, args.k, args.seed, args.max_new_tokens
         )
-        if args.add_k:
-            add_training_responses(args.out, args.add_k, args.seed + 1)
-    manifest = annotate_and_split(args.out, seed=args.seed, command=command)
+        for i, extra in enumerate(args.add_k, start=1):
+            add_training_responses(args.out, extra, args.seed + i)
+    manifest = annotate_and_split(
+        args.out, seed=args.seed, command=command, demo_candidates=args.demo_candidates
+    )
     print(json.dumps(manifest, indent=2))
 
 

@@ -26,8 +26,9 @@ def test_manifest_records_the_recipe_and_sizes():
     manifest = load_manifest()
     assert manifest["command"].startswith("python scripts/make_demo_data.py")
     assert manifest["sampling"]["model"] == "bundled:SmolLM2-135M-Instruct"
-    assert manifest["sampling"]["k"] == 4  # held-out prompts; training prompts get 4 more
-    assert manifest["sampling"]["added_training_responses"]["k"] == 4
+    assert manifest["sampling"]["k"] == 4  # held-out prompts; training prompts get 4 and then 8 more
+    assert manifest["sampling"]["added_training_responses"] == [{"k": 4, "seed": 1}, {"k": 8, "seed": 2}]
+    assert manifest["demo_candidates"] == 8
     assert manifest["annotator"]["expected_agreement"] == pytest.approx(0.726, abs=1e-3)
     for name in FILES:
         assert manifest["sizes"][name] == len(_rows(name)), name
@@ -46,7 +47,8 @@ def test_every_bundled_file_parses_without_skips(name, parse):
 
 def test_rankings_have_k_responses_and_strict_ranks():
     sampling = load_manifest()["sampling"]
-    k = sampling["k"] + sampling.get("added_training_responses", {}).get("k", 0)
+    k = sampling["k"] + sum(r["k"] for r in sampling.get("added_training_responses", []))
+    assert k == 16
     for row in _rows("preferences_train") + _rows("preferences_val"):
         n = len(row["responses"])
         assert 2 <= n <= k
@@ -54,12 +56,20 @@ def test_rankings_have_k_responses_and_strict_ranks():
         assert len(row["finished"]) == n
 
 
-def test_demonstrations_are_finished_responses_of_their_prompt():
+def test_demonstrations_are_the_best_finished_of_the_first_candidates():
+    from rlhf_lightning.annotator import SimulatedAnnotator
+
+    annotator = SimulatedAnnotator()
+    n = load_manifest()["demo_candidates"]
     samples = {s["prompt"]: s for s in _rows("samples")}
-    for row in _rows("sft_train"):
+    for row in _rows("sft_train")[:40]:
         sample = samples[_prompt(row)]
         i = sample["responses"].index(row["completion"])
-        assert sample["finished"][i]
+        assert i < n and sample["finished"][i]
+        finished = [t for t, f in zip(sample["responses"][:n], sample["finished"][:n]) if f]
+        assert annotator.score(_prompt(row), row["completion"]) == max(
+            annotator.score(_prompt(row), t) for t in finished
+        )
 
 
 def test_no_prompt_leaks_between_training_and_held_out_data():
@@ -111,3 +121,22 @@ def test_the_sampling_settings_are_the_ppo_stages():
     assert sampling["max_new_tokens"] == ppo["max_new_tokens"]
     assert sampling["temperature"] == ppo["temperature"]
     assert sampling["top_p"] == 1.0
+
+
+def test_the_recipe_adds_rounds_of_responses_and_keeps_demonstrations_to_the_first(tmp_path):
+    from rlhf_lightning.demo_data import add_training_responses, annotate_and_split, sample_demo_responses
+
+    sample_demo_responses(tmp_path, "tiny:llama", n_prompts=12, n_eval=3, k=2, max_new_tokens=6)
+    add_training_responses(tmp_path, 1, seed=1)
+    add_training_responses(tmp_path, 3, seed=2)
+    manifest = annotate_and_split(tmp_path, demo_candidates=2)
+    assert manifest["sampling"]["added_training_responses"] == [{"k": 1, "seed": 1}, {"k": 3, "seed": 2}]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {len(s["responses"]) for s in samples if s["split"] == "train"} == {6}
+    assert {len(s["responses"]) for s in samples if s["split"] == "held_out"} == {2}
+    by_prompt = {s["prompt"]: s for s in samples}
+    demos = [
+        json.loads(line) for name in ("sft_train", "sft_val") for line in (tmp_path / f"{name}.jsonl").open()
+    ]
+    for demo in demos:
+        assert demo["completion"] in by_prompt[_prompt(demo)]["responses"][:2]

@@ -352,10 +352,11 @@ def sample_demo_responses(
 
 def add_training_responses(out_dir: str | Path, extra: int = 4, seed: int = 1, batch_size: int = 32) -> Path:
     """Step 1b: sample ``extra`` more responses for every training prompt (not the held-out ones), with
-    the settings of step 1 and another seed, and append them to ``samples.jsonl``.
+    the settings of step 1 and another seed, and append them to ``samples.jsonl``; each call is one
+    round, recorded in ``sampling.json``.
 
     A ranking of K responses gives C(K,2) comparisons for K sequences the reward model must read:
-    K=8 gives 28 from 8 (InstructGPT ranked 4 to 9), against 6 from 4 at K=4.
+    K=16 gives 120 from 16, K=8 28 from 8 (InstructGPT ranked 4 to 9), K=4 6 from 4.
     """
     out = Path(out_dir)
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -370,15 +371,26 @@ def add_training_responses(out_dir: str | Path, extra: int = 4, seed: int = 1, b
         row["responses"] += [t for t, _ in group]
         row["finished"] += [f for _, f in group]
     _write_jsonl(out / "samples.jsonl", rows)
-    sampling["added_training_responses"] = {"k": extra, "seed": seed}
+    sampling["added_training_responses"] = [
+        *sampling.get("added_training_responses", []),
+        {"k": extra, "seed": seed},
+    ]
     (out / "sampling.json").write_text(json.dumps(sampling, indent=2))
     return out / "samples.jsonl"
 
 
 def annotate_and_split(
-    out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0, command: str = ""
+    out_dir: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    command: str = "",
+    demo_candidates: int | None = None,
 ) -> dict:
     """Step 2: rank the samples with the simulated annotator and write the stage files and the manifest.
+
+    A prompt's demonstration is its best finished response among the first ``demo_candidates`` sampled
+    (``None``: all of them), so more responses for the reward model's rankings can leave the SFT data as
+    it was; the rankings hold every distinct response.
 
     Responses that ran out of tokens keep a ``finished: false`` flag, so the reward model sees what the
     annotator judges (no EOS) exactly as it will see a truncated PPO response. A prompt needs two
@@ -395,6 +407,7 @@ def annotate_and_split(
             if text and text not in gold:
                 gold[text] = annotator.score(sample_row["prompt"], text, finished)
                 done[text] = finished
+        candidates = set(sample_row["responses"][:demo_candidates])
         if len(gold) >= 2:
             rows.append(
                 {
@@ -403,6 +416,7 @@ def annotate_and_split(
                     "prompt": sample_row["prompt"],
                     "gold": gold,
                     "finished": done,
+                    "demo_candidates": [x for x in gold if x in candidates and done[x]],
                 }
             )
 
@@ -422,9 +436,9 @@ def annotate_and_split(
 
     def demos(rows):
         for r in rows:
-            finished = [x for x in r["gold"] if r["finished"][x]]
-            if finished:
-                yield {"prompt": _messages(r["prompt"]), "completion": max(finished, key=r["gold"].get)}
+            if r["demo_candidates"]:
+                best = max(r["demo_candidates"], key=r["gold"].get)
+                yield {"prompt": _messages(r["prompt"]), "completion": best}
 
     def ranking(r, noisy=True):
         responses = list(r["gold"])
@@ -479,6 +493,7 @@ def annotate_and_split(
             "rubric": asdict(annotator.rubric),
         },
         "split_seed": seed,
+        "demo_candidates": demo_candidates,
         "sizes": {name: len(content) for name, content in files.items()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
