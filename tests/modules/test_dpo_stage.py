@@ -206,3 +206,8 @@ def test_checkpoints_hold_no_reference_weights(tmp_path, write_jsonl):
     assert state["state_dict"] and not any(k.startswith("reference.") for k in state["state_dict"])
     module = DPOModule.load_from_checkpoint(ckpt / "last.ckpt", weights_only=True)
     assert module.reference is not None
+
+
+def test_frozen_reference_stays_in_eval_mode_when_the_trainer_asks_for_training():
+    module = DPOModule(model="tiny:llama", export_dir=None).train()
+    assert module.model.training and not module.reference.training

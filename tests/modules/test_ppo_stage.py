@@ -546,3 +546,9 @@ def test_frozen_lower_blocks_are_computed_once_for_policy_reference_and_update(e
     full = response_logits(module.policy, mb.input_ids, mb.attention_mask, mb.start, fp32_head=True)
     torch.testing.assert_close(module.policy_logits(mb), full, rtol=0, atol=1e-6)
     torch.testing.assert_close(module.logprobs(full, mb.responses) * mb.mask, mb.logprobs, rtol=0, atol=1e-5)
+
+
+def test_frozen_models_stay_in_eval_mode_when_the_trainer_asks_for_training(exports):
+    module = _module(exports).train()
+    assert module.policy.training
+    assert not module.reference.training and not module.reward_model.training

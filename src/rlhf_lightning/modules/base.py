@@ -1,4 +1,4 @@
-"""What the supervised stages (SFT, reward model) share: a backbone by name, LoRA, the optimizer, export."""
+"""What the stages share: a backbone by name, LoRA, the optimizer, export; frozen models kept frozen."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from rlhf_lightning.models import DEFAULT_MODEL, LoraOptions, load_tokenizer, prepare_for_training, save_hf
+from rlhf_lightning.models import (
+    DEFAULT_MODEL,
+    LoraOptions,
+    frozen_dtype,
+    linear_weights_to,
+    load_tokenizer,
+    prepare_for_training,
+    save_hf,
+)
 from rlhf_lightning.schedules import deferred_schedule
 
 
@@ -46,6 +54,27 @@ def drop_frozen(checkpoint: dict, prefixes: tuple[str, ...]) -> None:
 def refill_frozen(module: nn.Module, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
     """Put ``module``'s own frozen weights into a checkpoint being loaded, so the rest loads strictly."""
     checkpoint["state_dict"].update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes)})
+
+
+class HoldsFrozenModels:
+    """A LightningModule mixin for stages that hold frozen models (a reference, a reward model): they stay in
+    eval mode whatever the trainer asks, and their weights are cast once to the cheapest exact form for the
+    trainer's precision (:func:`~rlhf_lightning.models.frozen_dtype`)."""
+
+    def frozen_models(self) -> list[nn.Module]:
+        """The frozen models this stage holds (``None`` entries allowed)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in filter(None, self.frozen_models()):
+            frozen.eval()
+        return self
+
+    def cast_frozen_models(self) -> None:
+        """Cast the frozen models for ``self.trainer.precision`` (call from ``setup``)."""
+        for frozen in filter(None, self.frozen_models()):
+            linear_weights_to(frozen, frozen_dtype(str(self.trainer.precision)))
 
 
 class FinetuneModule(LightningModule):

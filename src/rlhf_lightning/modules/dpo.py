@@ -17,15 +17,15 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import completion_logprob
-from rlhf_lightning.models import freeze, frozen_dtype, linear_weights_to, load_causal_lm, reference_policy
-from rlhf_lightning.modules.base import FinetuneModule, drop_frozen, refill_frozen
+from rlhf_lightning.models import freeze, load_causal_lm, reference_policy
+from rlhf_lightning.modules.base import FinetuneModule, HoldsFrozenModels, drop_frozen, refill_frozen
 from rlhf_lightning.rl.dpo import dpo_loss, implicit_rewards, logratio_gap
 from rlhf_lightning.rl.ranking import group_mean, pair_accuracy
 
 REFERENCE_PREFIX = ("reference.",)  # state-dict keys of the frozen reference: never checkpointed
 
 
-class DPOModule(FinetuneModule):
+class DPOModule(HoldsFrozenModels, FinetuneModule):
     """Fine-tunes a causal LM (usually the SFT export) on preferences with a DPO loss; exports it in
     Hugging Face format, like any policy the evaluation reads.
 
@@ -75,20 +75,15 @@ class DPOModule(FinetuneModule):
     def build_model(self) -> nn.Module:
         return load_causal_lm(self.hparams.model, self.hparams.trust_remote_code)
 
-    def train(self, mode: bool = True) -> DPOModule:
-        """The frozen reference stays in eval mode whatever the trainer asks."""
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.reference]
 
     def reference_model(self):
         """The reference policy (a context): a frozen model, or the policy with its LoRA adapter disabled."""
         return reference_policy(self.reference, self.model)
 
     def setup(self, stage: str) -> None:
-        if self.reference is not None:
-            linear_weights_to(self.reference, frozen_dtype(str(self.trainer.precision)))
+        self.cast_frozen_models()
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> Tensor:

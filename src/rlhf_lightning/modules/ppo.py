@@ -45,15 +45,13 @@ from rlhf_lightning.models import (
     LoraOptions,
     decoder_layers,
     freeze,
-    frozen_dtype,
-    linear_weights_to,
     load_causal_lm,
     load_tokenizer,
     prepare_for_training,
     reference_policy,
     save_hf,
 )
-from rlhf_lightning.modules.base import adamw, drop_frozen, refill_frozen
+from rlhf_lightning.modules.base import HoldsFrozenModels, adamw, drop_frozen, refill_frozen
 from rlhf_lightning.modules.ppo_logging import log_iteration
 from rlhf_lightning.modules.ppo_models import (
     check_estimator,
@@ -85,7 +83,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive PPO iterations produced NaN/inf; the last good state was checkpointed."""
 
 
-class PPOModule(LightningModule):
+class PPOModule(HoldsFrozenModels, LightningModule):
     """PPO for language models, one rollout + optimization per ``training_step``.
 
     Args:
@@ -267,13 +265,8 @@ class PPOModule(LightningModule):
             return None
         return blocks
 
-    def train(self, mode: bool = True) -> PPOModule:
-        """Frozen models stay in eval mode whatever the trainer asks."""
-        super().train(mode)
-        for frozen in (self.reference, self.reward_model):
-            if frozen is not None:
-                frozen.eval()
-        return self
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.reference, self.reward_model]
 
     def reference_model(self):
         """The reference policy (a context): a frozen model, or the policy with its LoRA adapter disabled."""
@@ -281,10 +274,8 @@ class PPOModule(LightningModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.cast_frozen_models()
         precision = str(self.trainer.precision)
-        for frozen in (self.reference, self.reward_model):
-            if frozen is not None:
-                linear_weights_to(frozen, frozen_dtype(precision))
         if stage != "fit":
             return
         if precision.startswith("16"):
