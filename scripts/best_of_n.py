@@ -13,6 +13,13 @@ proxy, or gold itself) reports the expected gold, proxy and rubric terms of the 
 best-of-n by the proxy is what the reward model alone buys, and a proxy that gains while gold stalls
 is reward hacking made visible (Gao et al. 2022).
 
+``--samples_from DIR`` reuses the ``samples.json`` of an earlier run (drawn from the same SFT export)
+instead of sampling, and ``--reward_model`` scores them with another reward model: what a better reward
+model would buy, at the cost of scoring only. A re-scored response is encoded from its text as the
+reward model's training data is (prompt, then the response and EOS when it finished), which may split
+a few words into other tokens than the sampled ones; the script reports how closely re-scoring with the
+samples' own reward model reproduces their stored scores.
+
 ``--policy NAME=FILE`` (repeatable) adds a trained policy as a point: an ``rlhf-lightning evaluate``
 output on the same prompts (its measured KL, gold gain over its SFT samples and win rate).
 
@@ -31,9 +38,16 @@ import math
 import statistics
 from pathlib import Path
 
+import torch
+
+from rlhf_lightning.data.batching import mask_of, pad
+from rlhf_lightning.data.render import encode_pair
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate, outcome_interval, pair_outcomes
+from rlhf_lightning.lm import sequence_scores
+from rlhf_lightning.models import linear_weights_to, load_reward_model, load_tokenizer
 from rlhf_lightning.pipeline import sample_like_ppo
+from rlhf_lightning.precision import auto_precision, inference_autocast
 from rlhf_lightning.report import save_figure
 from rlhf_lightning.rl.best_of_n import best_of_n_kl, best_of_n_weights
 
@@ -87,6 +101,25 @@ def selection_curve(
             "gold_terms": terms,
         })  # fmt: skip
     return rows
+
+
+@torch.no_grad()
+def rescore(samples: list[list[dict]], reward_model: str, batch_size: int = 32) -> list[float]:
+    """Scores of ``reward_model`` for every sample (flat, in order), each encoded from its prompt and
+    response texts as the reward model's training data is."""
+    tokenizer = load_tokenizer(reward_model)
+    precision = auto_precision()[0]
+    model = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
+    linear_weights_to(model, torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+    flat = [s for prompt_samples in samples for s in prompt_samples]
+    sequences = [sum(encode_pair(tokenizer, s["prompt"], s["response"], s["finished"]), []) for s in flat]
+    scores = []
+    with inference_autocast(precision=precision):
+        for begin in range(0, len(sequences), batch_size):
+            chunk = sequences[begin : begin + batch_size]
+            ids, mask = pad(chunk, tokenizer.pad_token_id), mask_of(chunk)
+            scores += sequence_scores(model, ids, mask).float().tolist()
+    return scores
 
 
 def proxy_agreement(pools: list[list[dict]]) -> dict:
@@ -197,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", action="append", default=[], metavar="NAME=FILE",
                         help="a trained policy's `rlhf-lightning evaluate` output on the same prompts")  # fmt: skip
     parser.add_argument("--out", default="runs/best_of_n")
+    parser.add_argument("--samples_from", default=None, metavar="DIR",
+                        help="reuse DIR/samples.json (and its best_of_n.json's settings) instead of sampling")  # fmt: skip
+    parser.add_argument("--reward_model", default=None,
+                        help="score the samples with this reward model (default: the run's reward export)")  # fmt: skip
     parser.add_argument("--plot_from", default=None, help="only redraw the figure of this best_of_n.json")
     args = parser.parse_args(argv)
     if args.plot_from:
@@ -209,21 +246,43 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1 or args.opponents < 1:
         raise SystemExit(f"--n and --opponents must be at least 1, got {args.n} and {args.opponents}")
     run, out = Path(args.run_dir), Path(args.out)
-    sft, reward = run / "sft" / "export", run / "reward" / "export"
-    per_prompt = args.n + args.opponents
-    options = sample_like_ppo(
-        EvaluationOptions(prompts=args.prompts, samples_per_prompt=per_prompt, preferences=None),
-        Path(args.ppo_config),
-    )
+    sft = run / "sft" / "export"
+    reward = Path(args.reward_model) if args.reward_model else run / "reward" / "export"
     points = []
     for spec in args.policy:
         name, sep, file = spec.partition("=")
         if not sep:
             raise SystemExit(f"--policy {spec!r}: expected NAME=FILE")
         points.append(policy_point(name, Path(file), args.prompts))
-    temperature = load_manifest()["annotator"]["temperature"]
-    report = evaluate({"sft": str(sft)}, str(sft), str(reward), options, temperature, judged=())
-    samples = by_prompt(report["policies"]["sft"]["examples"], per_prompt)
+    rescoring = None
+    if args.samples_from:
+        earlier = json.loads((Path(args.samples_from) / "best_of_n.json").read_text())
+        samples = json.loads((Path(args.samples_from) / "samples.json").read_text())
+        args.n, args.opponents, args.prompts = earlier["pool"], earlier["opponents"], earlier["prompts"]
+        sampling, precision, sft_row = earlier["sampling"], earlier["precision"], earlier["sft"]
+        stored = [s["proxy"] for prompt_samples in samples for s in prompt_samples]
+        scores = iter(rescore(samples, str(reward)))
+        for prompt_samples in samples:
+            for s in prompt_samples:
+                s["proxy"] = next(scores)
+        new_scores = [s["proxy"] for prompt_samples in samples for s in prompt_samples]
+        rescoring = {"samples_from": args.samples_from, "reward_model": str(reward),
+                     "correlation_with_stored_scores": statistics.correlation(stored, new_scores)}  # fmt: skip
+        sft_row = {**sft_row, "proxy_score": statistics.fmean(new_scores)}
+        print(f"re-scored {len(new_scores)} samples with {reward}: correlation with the stored scores "
+              f"{rescoring['correlation_with_stored_scores']:.4f}")  # fmt: skip
+    else:
+        per_prompt = args.n + args.opponents
+        options = sample_like_ppo(
+            EvaluationOptions(prompts=args.prompts, samples_per_prompt=per_prompt, preferences=None),
+            Path(args.ppo_config),
+        )
+        temperature = load_manifest()["annotator"]["temperature"]
+        report = evaluate({"sft": str(sft)}, str(sft), str(reward), options, temperature, judged=())
+        samples = by_prompt(report["policies"]["sft"]["examples"], per_prompt)
+        sampling = {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature}
+        precision = report["precision"]
+        sft_row = {k: report["policies"]["sft"][k] for k in ("gold_score", "proxy_score", "eos_rate")}
     pools, opponents = [s[: args.n] for s in samples], [s[args.n :] for s in samples]
     sizes = sorted({2**i for i in range(args.n.bit_length())} | {args.n})
     curves = {selector: selection_curve(pools, opponents, sizes, selector) for selector in SELECTORS}
@@ -232,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         "n_prompts": len(samples),
         "pool": args.n,
         "opponents": args.opponents,
-        "sampling": {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature},
-        "precision": report["precision"],
-        "sft": {k: report["policies"]["sft"][k] for k in ("gold_score", "proxy_score", "eos_rate")},
+        "sampling": sampling,
+        "precision": precision,
+        "reward_model": str(reward),
+        "rescoring": rescoring,
+        "sft": sft_row,
         "proxy_agreement_on_sft_samples": proxy_agreement(pools),
         "best_of_n": curves,
         "policies": points,

@@ -53,6 +53,24 @@ def test_best_of_n_curves_and_policy_point(script, tiny_run, tmp_path, write_jso
     [point] = summary["policies"]
     assert point["name"] == "ppo" and point["kl"] == 1.5 and point["gold_gain"] == pytest.approx(0.4)
 
+    # the same samples, scored again by a reward model: the pool and prompts are the earlier run's
+    again = tmp_path / "rescored"
+    best_of_n.main(["--run_dir", str(tiny_run), "--samples_from", str(out), "--out", str(again)])
+    rescored_summary = json.loads((again / "best_of_n.json").read_text())
+    assert (rescored_summary["pool"], rescored_summary["opponents"]) == (3, 2)
+    assert rescored_summary["prompts"] == str(prompts)
+    assert -1.0 <= rescored_summary["rescoring"]["correlation_with_stored_scores"] <= 1.0
+    rescored = json.loads((again / "samples.json").read_text())
+    assert [[s["response"] for s in p] for p in rescored] == [[s["response"] for s in p] for p in samples]
+    expected = best_of_n.rescore(samples, str(tiny_run / "reward" / "export"))
+    assert [s["proxy"] for p in rescored for s in p] == pytest.approx(expected)
+    for before, after in zip(
+        summary["best_of_n"]["gold"], rescored_summary["best_of_n"]["gold"], strict=True
+    ):
+        assert (
+            after["gold"] == before["gold"] and after["win_rate"] == before["win_rate"]
+        )  # gold's choice stays
+
 
 def test_proxy_agreement_by_hand(script):
     def sample(gold, proxy, warmth):
