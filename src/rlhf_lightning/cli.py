@@ -16,7 +16,7 @@ import logging
 import sys
 import warnings
 
-from rlhf_lightning.errors import InputError, StageStopped
+from rlhf_lightning.errors import InputError, StageStopped, StorageError
 from rlhf_lightning.stages import STAGES, run_stage
 
 USAGE = """usage: rlhf-lightning {sft,reward,ppo,dpo} {fit,validate} -c CONFIG [--key value ...]
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"rlhf-lightning {command}: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"rlhf-lightning {command}: error: {err}", file=sys.stderr)
+        return 1
     except StageStopped as stop:
         if command in STAGES:
             how = "run the same command with --ckpt_path last" if stop.checkpoint else "run the same command"

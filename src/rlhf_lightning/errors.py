@@ -25,6 +25,11 @@ class ConfigurationError(InputError):
     """Options that do not fit together (e.g. a minibatch that does not divide the rollout batch)."""
 
 
+class StorageError(Exception):
+    """The disk refused a write (full, read-only); the message names the file and the space left. The CLI
+    prints it as one line and exits with status 1."""
+
+
 class StageStopped(Exception):
     """A stage was stopped by SIGTERM or Ctrl-C before it finished: nothing was exported for it."""
 
