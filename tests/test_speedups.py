@@ -25,9 +25,9 @@ from rlhf_lightning.lm import (
     response_logits,
     response_logprobs,
 )
-from rlhf_lightning.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_lightning.models import linear_weights_to, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_lightning.modules.base import adamw
-from rlhf_lightning.modules.ppo import PPOModule, linear_weights_to
+from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.ppo_update import minibatch_backward
 
 
