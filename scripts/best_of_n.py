@@ -104,15 +104,14 @@ def selection_curve(
 
 
 @torch.no_grad()
-def rescore(samples: list[list[dict]], reward_model: str, batch_size: int = 32) -> list[float]:
-    """Scores of ``reward_model`` for every sample (flat, in order), each encoded from its prompt and
-    response texts as the reward model's training data is."""
+def rescore(samples: list[dict], reward_model: str, batch_size: int = 32) -> list[float]:
+    """Scores of ``reward_model`` for ``samples``, in order, each encoded from its prompt and response
+    texts as the reward model's training data is."""
     tokenizer = load_tokenizer(reward_model)
     precision = auto_precision()[0]
     model = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
     linear_weights_to(model, torch.bfloat16 if precision.startswith("bf16") else torch.float32)
-    flat = [s for prompt_samples in samples for s in prompt_samples]
-    sequences = [sum(encode_pair(tokenizer, s["prompt"], s["response"], s["finished"]), []) for s in flat]
+    sequences = [sum(encode_pair(tokenizer, s["prompt"], s["response"], s["finished"]), []) for s in samples]
     scores = []
     with inference_autocast(precision=precision):
         for begin in range(0, len(sequences), batch_size):
@@ -260,12 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         samples = json.loads((Path(args.samples_from) / "samples.json").read_text())
         args.n, args.opponents, args.prompts = earlier["pool"], earlier["opponents"], earlier["prompts"]
         sampling, precision, sft_row = earlier["sampling"], earlier["precision"], earlier["sft"]
-        stored = [s["proxy"] for prompt_samples in samples for s in prompt_samples]
-        scores = iter(rescore(samples, str(reward)))
-        for prompt_samples in samples:
-            for s in prompt_samples:
-                s["proxy"] = next(scores)
-        new_scores = [s["proxy"] for prompt_samples in samples for s in prompt_samples]
+        flat = [s for prompt_samples in samples for s in prompt_samples]
+        stored, new_scores = [s["proxy"] for s in flat], rescore(flat, str(reward))
+        for s, score in zip(flat, new_scores, strict=True):
+            s["proxy"] = score
         rescoring = {"samples_from": args.samples_from, "reward_model": str(reward),
                      "correlation_with_stored_scores": statistics.correlation(stored, new_scores)}  # fmt: skip
         sft_row = {**sft_row, "proxy_score": statistics.fmean(new_scores)}

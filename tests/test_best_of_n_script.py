@@ -62,7 +62,7 @@ def test_best_of_n_curves_and_policy_point(script, tiny_run, tmp_path, write_jso
     assert -1.0 <= rescored_summary["rescoring"]["correlation_with_stored_scores"] <= 1.0
     rescored = json.loads((again / "samples.json").read_text())
     assert [[s["response"] for s in p] for p in rescored] == [[s["response"] for s in p] for p in samples]
-    expected = best_of_n.rescore(samples, str(tiny_run / "reward" / "export"))
+    expected = best_of_n.rescore([s for p in samples for s in p], str(tiny_run / "reward" / "export"))
     assert [s["proxy"] for p in rescored for s in p] == pytest.approx(expected)
     by_gold_before, by_gold_after = summary["best_of_n"]["gold"], rescored_summary["best_of_n"]["gold"]
     assert [r["gold"] for r in by_gold_after] == [r["gold"] for r in by_gold_before]  # gold's choice stays
