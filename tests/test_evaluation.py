@@ -87,3 +87,36 @@ def test_gold_terms_are_each_terms_mean_contribution():
     assert terms["finished"] == 0.5  # one of the two ended with EOS, weight 1
     gold = [annotator.score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
     assert sum(terms.values()) == pytest.approx(sum(gold) / 2)
+
+
+def test_decided_by_counts_each_win_and_loss_under_the_term_with_the_largest_weighted_difference():
+    from rlhf_lightning.evaluation import decided_by, pair_outcomes
+
+    policy = [
+        {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},  # wins on warmth (+0.5) over its pair
+        {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},  # loses on on_topic (-0.75), gains warmth +0.2
+        {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},  # tie: left out
+        {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},  # wins on finished (+1) though warmth -0.3
+    ]
+    sft = [
+        {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},
+        {"warmth": -0.2, "on_topic": 2.25, "finished": 1.0},
+        {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},
+        {"warmth": 0.3, "on_topic": 1.5, "finished": 0.0},
+    ]
+    outcomes = pair_outcomes([sum(t.values()) for t in policy], [sum(t.values()) for t in sft])
+    assert outcomes == [1.0, 0.0, 0.5, 1.0]
+    assert decided_by(policy, sft, outcomes) == {
+        "wins": {"warmth": 1, "finished": 1},
+        "losses": {"on_topic": 1},
+    }
+
+
+def test_the_annotators_deciding_term_is_the_decisive_term_of_its_weighted_components():
+    from rlhf_lightning.annotator import SimulatedAnnotator, decisive_term
+
+    annotator = SimulatedAnnotator()
+    prompt = "Explain volcanoes in one sentence."
+    responses = ["Volcanoes are wonderful mountains that erupt.", "Volcanoes are mountains that erupt."]
+    a, b = (annotator.weighted_components(prompt, r) for r in responses)
+    assert annotator.deciding_term(prompt, responses) == decisive_term(a, b) == "warmth"

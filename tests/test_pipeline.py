@@ -58,6 +58,10 @@ def test_report_and_plots(run_dir, read_scalars):
     for policy in figures["policies"].values():  # the rubric's terms add up to the gold score
         assert sum(policy["gold_terms"].values()) == pytest.approx(policy["gold_score"])
     assert "Gold score by rubric term" in report
+    decided = figures["decided_by"]["ppo_vs_sft"]  # every win and every loss has its deciding term
+    assert sum(decided["wins"].values()) == counts["wins"]
+    assert sum(decided["losses"].values()) == counts["losses"]
+    assert "the rubric term that decided them" in report
     scalars = read_scalars(run_dir / "tb" / "ppo")
     assert len(scalars["objective/scores"]) == 4
 

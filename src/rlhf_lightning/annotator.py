@@ -151,7 +151,7 @@ class SimulatedAnnotator:
         """The rubric term whose weighted difference between the two ``responses`` is largest: the one
         that decides the pair (where a reward model ranks a pair wrong, this says what it missed)."""
         a, b = (self.weighted_components(prompt, r, f) for r, f in zip(responses, finished, strict=True))
-        return max(a, key=lambda term: abs(a[term] - b[term]))
+        return decisive_term(a, b)
 
     def prefer_probability(self, gold_a: float, gold_b: float) -> float:
         """Bradley-Terry probability that the annotator labels ``a`` better than ``b``."""
@@ -171,6 +171,12 @@ class SimulatedAnnotator:
             order.append(pick)
             remaining.remove(pick)
         return order
+
+
+def decisive_term(a: dict[str, float], b: dict[str, float]) -> str:
+    """The rubric term whose weighted difference between two responses' terms
+    (:meth:`SimulatedAnnotator.weighted_components`) is largest: the one that decides the pair."""
+    return max(a, key=lambda term: abs(a[term] - b[term]))
 
 
 def expected_agreement(gaps: Sequence[float], temperature: float) -> float:

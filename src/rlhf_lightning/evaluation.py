@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from rlhf_lightning.annotator import SimulatedAnnotator
+from rlhf_lightning.annotator import SimulatedAnnotator, decisive_term
 from rlhf_lightning.data.batching import left_padded
 from rlhf_lightning.data.formats import SkipRow, to_preference_row, to_prompt_row
 from rlhf_lightning.data.preference import (
@@ -314,6 +314,9 @@ def evaluate(
                 "ties": outcomes.count(0.5),
                 "losses": outcomes.count(0.0),
             }
+            report.setdefault("decided_by", {})[key] = decided_by(
+                samples[judged_name].terms, samples[other].terms, outcomes
+            )
             noisy = [annotator.prefer_probability(x, y) for x, y in zip(a, b)]
             report.setdefault("noisy_win_rates", {})[key] = sum(noisy) / len(noisy)
     if options.preferences:
@@ -338,6 +341,22 @@ def mean_terms(terms: list[dict[str, float]]) -> dict[str, float]:
         for term, value in each.items():
             totals[term] = totals.get(term, 0.0) + value
     return {term: total / len(terms) for term, total in totals.items()}
+
+
+def decided_by(
+    terms_a: list[dict[str, float]], terms_b: list[dict[str, float]], outcomes: list[float]
+) -> dict[str, dict[str, int]]:
+    """How many of ``a``'s wins and losses against ``b`` (paired samples' weighted rubric terms and the
+    :func:`pair_outcomes`) each rubric term decided (:func:`~rlhf_lightning.annotator.decisive_term`):
+    which behaviour the policy wins on and which one it still loses on. Ties are left out."""
+    counts: dict[str, dict[str, int]] = {"wins": {}, "losses": {}}
+    for a, b, outcome in zip(terms_a, terms_b, outcomes, strict=True):
+        if outcome == 0.5:
+            continue
+        side = counts["wins" if outcome == 1.0 else "losses"]
+        term = decisive_term(a, b)
+        side[term] = side.get(term, 0) + 1
+    return counts
 
 
 def versus(report: dict, name: str, other: str = "sft") -> dict:

@@ -136,6 +136,12 @@ def _side_by_side(report: dict, n: int = 4) -> list[str]:
     return lines
 
 
+def _term_counts(counts: dict[str, int]) -> str:
+    """``on_topic 60, finished 31`` (most first), or ``none``."""
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{term} {n}" for term, n in ranked) or "none"
+
+
 def write_report(
     run_dir: Path,
     report: dict,
@@ -209,6 +215,12 @@ def write_report(
             + (f" (with label noise: {noisy:.3f})" if noisy else "")
             + (f"; {counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses" if counts else "")
         )
+        decided = report.get("decided_by", {}).get(pair)
+        if decided:
+            lines.append(
+                "  - the rubric term that decided them: "
+                + "; ".join(f"{side}: {_term_counts(decided[side])}" for side in ("wins", "losses"))
+            )
     lines += ["", "## Stage times", ""]
     lines += [f"- {stage}: {seconds / 60:.1f} min" for stage, seconds in timings.items()]
     lines += ["", "## Plots", ""]
