@@ -94,13 +94,13 @@ def test_decided_by_counts_each_win_and_loss_under_the_term_with_the_largest_wei
 
     policy = [
         {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},  # wins on warmth (+0.5) over its pair
-        {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},  # loses on on_topic (-0.75), gains warmth +0.2
+        {"warmth": 0.0, "on_topic": 0.75, "finished": 1.0},  # loses on on_topic (-0.75), gains warmth +0.2
         {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},  # tie: left out
         {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},  # wins on finished (+1) though warmth -0.3
     ]
     sft = [
         {"warmth": 0.0, "on_topic": 1.5, "finished": 1.0},
-        {"warmth": -0.2, "on_topic": 2.25, "finished": 1.0},
+        {"warmth": -0.2, "on_topic": 1.5, "finished": 1.0},
         {"warmth": 0.5, "on_topic": 1.5, "finished": 1.0},
         {"warmth": 0.3, "on_topic": 1.5, "finished": 0.0},
     ]
