@@ -45,7 +45,7 @@ from rlhf_lightning.data.render import encode_pair
 from rlhf_lightning.demo_data import load_manifest
 from rlhf_lightning.evaluation import EvaluationOptions, evaluate, outcome_interval, pair_outcomes
 from rlhf_lightning.lm import sequence_scores
-from rlhf_lightning.models import linear_weights_to, load_reward_model, load_tokenizer
+from rlhf_lightning.models import frozen_dtype, linear_weights_to, load_reward_model, load_tokenizer
 from rlhf_lightning.pipeline import sample_like_ppo
 from rlhf_lightning.precision import auto_precision, inference_autocast
 from rlhf_lightning.report import save_figure
@@ -110,7 +110,7 @@ def rescore(samples: list[dict], reward_model: str, batch_size: int = 32) -> lis
     tokenizer = load_tokenizer(reward_model)
     precision = auto_precision()[0]
     model = load_reward_model(reward_model, pad_token_id=tokenizer.pad_token_id).eval()
-    linear_weights_to(model, torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+    linear_weights_to(model, frozen_dtype(precision))
     sequences = [sum(encode_pair(tokenizer, s["prompt"], s["response"], s["finished"]), []) for s in samples]
     scores = []
     with inference_autocast(precision=precision):
