@@ -1,4 +1,5 @@
-"""What the stages share: a backbone by name, LoRA, the optimizer, export; frozen models kept frozen."""
+"""What the stages share: a backbone by name, LoRA, the optimizer, export; frozen models kept frozen;
+agreement across ranks."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def drop_frozen(checkpoint: dict, prefixes: tuple[str, ...]) -> None:
 def refill_frozen(module: nn.Module, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
     """Put ``module``'s own frozen weights into a checkpoint being loaded, so the rest loads strictly."""
     checkpoint["state_dict"].update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes)})
+
+
+def one_process(module: LightningModule) -> bool:
+    """No other rank to agree with: no trainer attached, or a world of one."""
+    return module._trainer is None or module.trainer.world_size == 1
+
+
+def all_ranks(module: LightningModule, ok: bool) -> bool:
+    """``ok`` on every rank: a rank that skips a backward pass others run would hang the gradient sync."""
+    if one_process(module):
+        return ok
+    return bool(module.trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+
+def sum_over_ranks(module: LightningModule, tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the ranks (itself on one process)."""
+    if one_process(module):
+        return tensor
+    return module.trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
 class HoldsFrozenModels:

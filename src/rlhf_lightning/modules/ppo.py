@@ -11,7 +11,10 @@ One ``training_step`` is one PPO iteration (manual optimization):
 5. ``ppo_epochs`` passes over shuffled minibatches of the clipped policy loss (and value loss).
 
 The algorithm itself lives in ``rlhf_lightning.rl`` as pure tensor functions; this module wires
-them to the four models. ``docs/ppo.md`` lists the published implementation details we follow.
+them to the four models, with one file per part of the stage: ``ppo_models`` (building and checking
+the models and options), ``ppo_rollout`` (steps 1-4), ``ppo_update`` (step 5), ``ppo_iteration`` (the
+iteration's random stream, non-finite guard, bookkeeping and checkpointed state) and ``ppo_logging``
+(TensorBoard). ``docs/ppo.md`` lists the published implementation details we follow.
 It deliberately leaves out reward-model ensembles, PPO-ptx (pretraining loss mixing) and
 multi-turn rollouts.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
+from functools import partial
 from typing import Literal
 
 import torch
@@ -29,21 +32,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import (
-    completion_logprob,
     head_logits,
     hidden_states,
     hidden_states_from_trunk,
     logprobs_from_logits,
     response_logits,
-    sequence_scores,
     suppressed_token,
-    trunk_is_reusable,
 )
 from rlhf_lightning.models import (
     LoraOptions,
-    decoder_layers,
     freeze,
     load_causal_lm,
     load_tokenizer,
@@ -51,15 +49,31 @@ from rlhf_lightning.models import (
     reference_policy,
     save_hf,
 )
-from rlhf_lightning.modules.base import HoldsFrozenModels, adamw, drop_frozen, refill_frozen
-from rlhf_lightning.modules.ppo_logging import log_iteration
+from rlhf_lightning.modules.base import (
+    HoldsFrozenModels,
+    adamw,
+    all_ranks,
+    drop_frozen,
+    refill_frozen,
+    sum_over_ranks,
+)
+from rlhf_lightning.modules.ppo_iteration import (
+    NonFiniteError,
+    finish_iteration,
+    guard_nonfinite,
+    iteration_state,
+    load_iteration_state,
+    rollout_rng,
+)
+from rlhf_lightning.modules.ppo_logging import preference_accuracies
 from rlhf_lightning.modules.ppo_models import (
-    check_estimator,
+    check_fit,
+    check_options,
     check_vocabularies,
     critic_and_value_head,
-    describe_iteration,
-    iterations_in_fit,
+    fit_iterations,
     reward_source,
+    shared_trunk_blocks,
 )
 from rlhf_lightning.modules.ppo_rollout import (
     collect,
@@ -67,20 +81,18 @@ from rlhf_lightning.modules.ppo_rollout import (
     gae_advantages,
     group_advantages,
     model_scores,
+    shift_value_bias,
     weights_cast_once,
 )
 from rlhf_lightning.modules.ppo_update import NonFiniteCounter, ppo_update
 from rlhf_lightning.rewards import RewardFunction
 from rlhf_lightning.rl.experience import Experience
-from rlhf_lightning.rl.kl import AdaptiveKLController, FixedKLController
-from rlhf_lightning.rl.ranking import pair_accuracy
+from rlhf_lightning.rl.kl import kl_controller
 from rlhf_lightning.schedules import deferred_schedule
 
+__all__ = ["NonFiniteError", "PPOModule"]
+
 FROZEN_PREFIXES = ("reference.", "reward_model.")  # state-dict keys of the frozen models: never checkpointed
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive PPO iterations produced NaN/inf; the last good state was checkpointed."""
 
 
 class PPOModule(HoldsFrozenModels, LightningModule):
@@ -191,16 +203,10 @@ class PPOModule(HoldsFrozenModels, LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ConfigurationError(
-                f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
-            )
-        check_estimator(advantage_estimator, samples_per_prompt, critic, share_critic_backbone)
         lora = LoraOptions.of(lora)
-        if lora is not None and lora.dropout > 0:
-            raise ConfigurationError(
-                "model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout"
-            )
+        check_options(
+            advantage_estimator, samples_per_prompt, critic, share_critic_backbone, temperature, lora
+        )
         # the reward function is an object (its class_path is in the run's config.yaml): checkpoints
         # hold plain values only, so they load with weights_only
         self.save_hyperparameters(ignore=["lora", "reward_function"])
@@ -218,7 +224,7 @@ class PPOModule(HoldsFrozenModels, LightningModule):
         self.reference = None
         if reference is not None or lora is None:
             self.reference = freeze(load_causal_lm(reference or policy, trust_remote_code))
-        self.shared_blocks = self._shared_blocks(reference, lora, train_top_layers)
+        self.shared_blocks = shared_trunk_blocks(self.policy, reference, lora, train_top_layers)
         pad = self.tokenizer.pad_token_id
         self.reward_function = reward_function
         self.reward_model, self.reward_stats = reward_source(
@@ -241,29 +247,13 @@ class PPOModule(HoldsFrozenModels, LightningModule):
             policy=self.policy, reward_model=self.reward_model, critic=self.critic, reference=self.reference
         )
         self.suppressed = suppressed_token(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-        if adaptive_kl_target is None:
-            self.kl_controller = FixedKLController(kl_coef)
-        else:
-            self.kl_controller = AdaptiveKLController(kl_coef, adaptive_kl_target, adaptive_kl_horizon)
+        self.kl_controller = kl_controller(kl_coef, adaptive_kl_target, adaptive_kl_horizon)
         self.rollouts = 0  # PPO iterations done; global_step counts optimizer steps instead
         self.episodes = 0
         self.nonfinite = NonFiniteCounter(max_nonfinite_rollouts)
         self.last_rollout: Experience | None = None
         self.val_accuracy = nn.ModuleDict({"reward_model": MeanMetric(), "policy": MeanMetric()})
         self.train()
-
-    def _shared_blocks(self, reference: str | None, lora, top_layers: int | None) -> int | None:
-        """How many lower blocks the policy and the reference share: the policy's frozen ones, when the
-        reference is the policy's own starting point (``None``: nothing shared, each runs whole).
-
-        Their output (the trunk) is computed once per rollout, for the policy, the reference and every
-        minibatch step of the update, which then run only the upper blocks."""
-        if reference is not None or lora is not None or top_layers is None:
-            return None
-        blocks = len(decoder_layers(self.policy)) - top_layers
-        if blocks < 1 or not trunk_is_reusable(self.policy, blocks):
-            return None
-        return blocks
 
     def frozen_models(self) -> list[nn.Module]:
         return [self.reference, self.reward_model]
@@ -275,27 +265,8 @@ class PPOModule(HoldsFrozenModels, LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.cast_frozen_models()
-        precision = str(self.trainer.precision)
-        if stage != "fit":
-            return
-        if precision.startswith("16"):
-            raise ConfigurationError(
-                f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
-                "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
-            )
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if batch_size is not None:
-            h = self.hparams
-            rank_zero_info(
-                describe_iteration(
-                    h.advantage_estimator,
-                    batch_size,
-                    h.samples_per_prompt,
-                    h.minibatch_size,
-                    h.ppo_epochs,
-                    self.trainer.world_size,
-                )
-            )
+        if stage == "fit":
+            check_fit(self.trainer, self.hparams)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -308,34 +279,16 @@ class PPOModule(HoldsFrozenModels, LightningModule):
             groups.append((critic_params, h.critic_learning_rate or h.learning_rate))
         optimizer = adamw(groups, h.weight_decay, h.adam_eps)
         # stepped by training_step once per PPO iteration (manual optimization)
-        scheduler = deferred_schedule(optimizer, self.total_iterations, 0.0, h.lr_scheduler)
+        scheduler = deferred_schedule(optimizer, lambda: fit_iterations(self.trainer, h), 0.0, h.lr_scheduler)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def total_iterations(self) -> int:
-        """PPO iterations in this fit: batches x epochs, fewer if ``trainer.max_steps`` (optimizer steps) ends it."""
-        t, h = self.trainer, self.hparams
-        episodes = t.datamodule.batch_size * h.samples_per_prompt if t.max_steps not in (None, -1) else 0
-        return iterations_in_fit(
-            t.max_epochs, t.num_training_batches, t.max_steps, episodes, h.ppo_epochs, h.minibatch_size
-        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         drop_frozen(checkpoint, FROZEN_PREFIXES)
-        checkpoint["ppo_state"] = {
-            "rollouts": self.rollouts,
-            "episodes": self.episodes,
-            **self.nonfinite.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
-        }
+        checkpoint["ppo_state"] = iteration_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("ppo_state", {})
-        self.rollouts = state.get("rollouts", 0)
-        self.episodes = state.get("episodes", 0)
-        self.nonfinite.load_state_dict(state)
+        load_iteration_state(self, checkpoint.get("ppo_state", {}))
         refill_frozen(self, checkpoint, FROZEN_PREFIXES)
-        if "kl_controller" in state:
-            self.kl_controller.load_state_dict(state["kl_controller"])
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
@@ -371,30 +324,6 @@ class PPOModule(HoldsFrozenModels, LightningModule):
         """Log-probabilities under the distribution rollouts sample from (temperature, pad suppressed)."""
         return logprobs_from_logits(logits, tokens, self.hparams.temperature, self.suppressed)
 
-    @property
-    def _one_process(self) -> bool:
-        """No other rank to agree with: no trainer attached, or a world of one."""
-        return self._trainer is None or self.trainer.world_size == 1
-
-    def _all_ranks(self, ok: bool) -> bool:
-        """``ok`` on every rank: a rank that skips a backward pass others run would hang the gradient sync."""
-        if self._one_process:
-            return ok
-        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
-
-    def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if self._one_process:
-            return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-
-    def _rng_context(self):
-        """Sampling and shuffling draw from a stream fixed by (seed, rank, iteration): resumable and per-rank."""
-        rank = self.global_rank if self._trainer is not None else 0
-        devices = [self.device] if self.device.type == "cuda" else []
-        context = torch.random.fork_rng(devices=devices)
-        seed = self.hparams.rollout_seed * 1_000_003 + rank * 7_919 + self.rollouts
-        return context, seed
-
     def score(
         self,
         input_ids: Tensor,
@@ -427,68 +356,29 @@ class PPOModule(HoldsFrozenModels, LightningModule):
             )
         calibrate = None
         if self.rollouts == 0 and h.calibrate_value_bias:
-            calibrate = self._shift_value_bias
+            calibrate = partial(shift_value_bias, self.value_head)
         return gae_advantages(
-            experience, values, h.gamma, h.lam, h.whiten_rewards, self._all_reduce, calibrate
+            experience, values, h.gamma, h.lam, h.whiten_rewards, partial(sum_over_ranks, self), calibrate
         )
 
-    def _shift_value_bias(self, shift: Tensor) -> None:
-        """Move the value head's bias by the critic's mean error on the first rollout.
-
-        The head copied from the reward model predicts the normalised score, but not the missing-EOS
-        penalty or the KL term: without this, most tokens start with the same error (about -0.9 when 90%
-        of responses miss EOS), which value clipping undoes by at most ``clip_range_value`` per iteration.
-        """
-        with torch.no_grad():
-            self.value_head.bias.add_(shift.to(self.value_head.bias.dtype))
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        rng, seed = self._rng_context()
+        rng, seed = rollout_rng(self)
         with rng:
             torch.manual_seed(seed)
             began = time.perf_counter()
             experience = self.rollout(batch)
             rollout_time = time.perf_counter() - began
-            if not self._guard_nonfinite(self._all_ranks(experience.is_finite()), "rollout"):
-                self._finish_iteration(experience, {}, rollout_time, 0.0, skipped=True)
+            if not guard_nonfinite(self, all_ranks(self, experience.is_finite()), "rollout"):
+                finish_iteration(self, experience, {}, rollout_time, 0.0, skipped=True)
                 return
             began = time.perf_counter()
             stats = self.optimize(experience)
             optimize_time = time.perf_counter() - began
-        self._finish_iteration(experience, stats, rollout_time, optimize_time)
+        finish_iteration(self, experience, stats, rollout_time, optimize_time)
 
     def optimize(self, experience: Experience) -> dict[str, Tensor]:
         """``ppo_epochs`` x minibatches of the clipped losses on one rollout; returns averaged statistics."""
         return ppo_update(self, experience)
-
-    def _guard_nonfinite(self, finite: bool, what: str) -> bool:
-        """Count a non-finite rollout; stop the run (with a checkpoint) after too many in a row."""
-        if self.nonfinite.rollout(finite):
-            return finite
-        path = Path(self.trainer.default_root_dir) / "nonfinite-last-good.ckpt"
-        self.trainer.save_checkpoint(path)
-        raise NonFiniteError(
-            f"{self.nonfinite.consecutive} consecutive PPO iterations produced NaN/inf in the {what} "
-            f"(iteration {self.rollouts}); the last good state is saved to {path}. Lower the learning rate, "
-            "check the reward model's outputs, or raise model.max_nonfinite_rollouts."
-        )
-
-    def _finish_iteration(
-        self, experience: Experience, stats: dict, rollout_time: float, optimize_time: float, skipped=False
-    ):
-        n = len(experience)
-        self.rollouts += 1
-        self.episodes += n * self.trainer.world_size
-        if not skipped:
-            # every rank steers beta with the KL of the global batch, so all ranks shape rewards alike
-            count = torch.tensor(float(n), device=self.device)
-            totals = self._all_reduce(torch.stack([experience.kl.sum().float(), count]))
-            self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
-        log_iteration(self, experience, stats, rollout_time, optimize_time)
-        self.last_rollout = experience  # for the sample-table and gold-judge callbacks
 
     # -- validation: preference accuracy on held-out pairs ---------------------------------------
 
@@ -499,14 +389,8 @@ class PPOModule(HoldsFrozenModels, LightningModule):
         The policy's implicit reward is ``log pi(y|x) - log pi_ref(y|x)`` (Rafailov et al. 2023): it tells
         whether PPO moved the policy toward the responses people prefer.
         """
-        ids, mask, pairs = batch["input_ids"], batch["attention_mask"], batch["pairs"]
-        implicit = completion_logprob(self.policy, batch)
-        with self.reference_model() as reference:
-            implicit = implicit - completion_logprob(reference, batch)
-        self.val_accuracy["policy"].update(pair_accuracy(implicit, pairs))
-        if self.reward_model is not None:
-            rewards = sequence_scores(self.reward_model, ids, mask).float()
-            self.val_accuracy["reward_model"].update(pair_accuracy(rewards, pairs))
+        for name, accuracy in preference_accuracies(self, batch).items():
+            self.val_accuracy[name].update(accuracy)
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_accuracy.items():

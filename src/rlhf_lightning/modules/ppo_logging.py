@@ -1,10 +1,14 @@
-"""What one PPO iteration writes to TensorBoard (TRL's names; docs/ppo.md lists them)."""
+"""What the PPO stage writes to TensorBoard: each iteration's statistics (TRL's names; docs/ppo.md lists
+them) and the held-out preference accuracies of its validation loop."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from rlhf_lightning.lm import completion_logprob, sequence_scores
 from rlhf_lightning.rl.experience import Experience
+from rlhf_lightning.rl.ranking import pair_accuracy
 
 SAME_ON_ALL_RANKS = ("episode", "rollouts", "objective/kl_coef", "lr", "lr_critic")  # logged unreduced
 
@@ -39,3 +43,19 @@ def log_iteration(
     module.log("val/num_eos_tokens", eos, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
     same = {k: metrics[k] for k in metrics.keys() - synced.keys()}
     module.log_dict(same, on_step=True, on_epoch=False, batch_size=n)
+
+
+@torch.no_grad()
+def preference_accuracies(module, batch: dict) -> dict[str, Tensor]:
+    """On a batch of held-out pairs: how often the policy's implicit reward, ``log pi(y|x) - log
+    pi_ref(y|x)`` (Rafailov et al. 2023), prefers the preferred response (did PPO move the policy toward
+    what people prefer?), and, when there is one, how often the reward model does."""
+    pairs = batch["pairs"]
+    implicit = completion_logprob(module.policy, batch)
+    with module.reference_model() as reference:
+        implicit = implicit - completion_logprob(reference, batch)
+    accuracies = {"policy": pair_accuracy(implicit, pairs)}
+    if module.reward_model is not None:
+        rewards = sequence_scores(module.reward_model, batch["input_ids"], batch["attention_mask"]).float()
+        accuracies["reward_model"] = pair_accuracy(rewards, pairs)
+    return accuracies

@@ -12,11 +12,12 @@ import math
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from rlhf_lightning.errors import ConfigurationError
-from rlhf_lightning.models import backbone, freeze, load_reward_model, score_head
+from rlhf_lightning.lm import trunk_is_reusable
+from rlhf_lightning.models import backbone, decoder_layers, freeze, load_reward_model, score_head
 from rlhf_lightning.modules.reward import STATS_FILE
 
 
@@ -107,8 +108,16 @@ def critic_and_value_head(
     return backbone(critic_model), value_head(score_head(critic_model), None, stats)
 
 
-def check_estimator(estimator: str, k: int, critic: str | None, share_critic_backbone: bool) -> None:
-    """The options of a critic-free estimator are consistent (clear errors before any model loads)."""
+def check_options(
+    estimator: str, k: int, critic: str | None, share_critic_backbone: bool, temperature: float, lora
+) -> None:
+    """The stage's options are consistent: clear errors before any model loads."""
+    if temperature <= 0:
+        raise ConfigurationError(
+            f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
+        )
+    if lora is not None and lora.dropout > 0:
+        raise ConfigurationError("model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout")
     if k < 1:
         raise ConfigurationError(f"model.samples_per_prompt must be >= 1, got {k}")
     if estimator == "gae":
@@ -123,6 +132,20 @@ def check_estimator(estimator: str, k: int, critic: str | None, share_critic_bac
             f"model.advantage_estimator={estimator} has no critic: unset model.critic and "
             "model.share_critic_backbone (they apply to gae)"
         )
+
+
+def shared_trunk_blocks(policy: nn.Module, reference: str | None, lora, top_layers: int | None) -> int | None:
+    """How many lower blocks the policy and the reference share: the policy's frozen ones, when the
+    reference is the policy's own starting point (``None``: nothing shared, each runs whole).
+
+    Their output (the trunk) is computed once per rollout, for the policy, the reference and every
+    minibatch step of the update, which then run only the upper blocks."""
+    if reference is not None or lora is not None or top_layers is None:
+        return None
+    blocks = len(decoder_layers(policy)) - top_layers
+    if blocks < 1 or not trunk_is_reusable(policy, blocks):
+        return None
+    return blocks
 
 
 def describe_iteration(estimator: str, prompts: int, k: int, minibatch: int, epochs: int, world: int) -> str:
@@ -159,6 +182,39 @@ def iterations_in_fit(
             "(with trainer.limit_train_batches for the iterations per epoch) or trainer.max_steps"
         )
     return int(total)
+
+
+def fit_iterations(trainer, hparams) -> int:
+    """PPO iterations in ``trainer``'s fit (:func:`iterations_in_fit` with the stage's options)."""
+    t, h = trainer, hparams
+    episodes = t.datamodule.batch_size * h.samples_per_prompt if t.max_steps not in (None, -1) else 0
+    return iterations_in_fit(
+        t.max_epochs, t.num_training_batches, t.max_steps, episodes, h.ppo_epochs, h.minibatch_size
+    )
+
+
+def check_fit(trainer, hparams) -> None:
+    """At the start of ``fit``: a precision PPO supports, and the iteration's arithmetic, logged (an error
+    naming the options when minibatches do not divide the rollout)."""
+    precision = str(trainer.precision)
+    if precision.startswith("16"):
+        raise ConfigurationError(
+            f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
+            "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
+        )
+    batch_size = getattr(trainer.datamodule, "batch_size", None)
+    if batch_size is not None:
+        h = hparams
+        rank_zero_info(
+            describe_iteration(
+                h.advantage_estimator,
+                batch_size,
+                h.samples_per_prompt,
+                h.minibatch_size,
+                h.ppo_epochs,
+                trainer.world_size,
+            )
+        )
 
 
 def check_vocabularies(**models: nn.Module | None) -> None:

@@ -197,6 +197,17 @@ def mean_value_error(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float
     return totals[0] / totals[1]
 
 
+@torch.no_grad()
+def shift_value_bias(head: nn.Linear, shift: Tensor) -> None:
+    """Move the value head's bias by the critic's mean error on the first rollout.
+
+    The head copied from the reward model predicts the normalised score, but not the missing-EOS
+    penalty or the KL term: without this, most tokens start with the same error (about -0.9 when 90%
+    of responses miss EOS), which value clipping undoes by at most ``clip_range_value`` per iteration.
+    """
+    head.bias.add_(shift.to(head.bias.dtype))
+
+
 def gae_advantages(
     experience: Experience,
     values: Tensor,

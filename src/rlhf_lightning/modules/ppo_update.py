@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from rlhf_lightning.lm import entropy_from_logits
+from rlhf_lightning.modules.base import all_ranks, one_process
 from rlhf_lightning.rl.experience import Experience
 from rlhf_lightning.rl.losses import kl_loss, masked_mean, policy_loss, value_loss
 
@@ -92,7 +93,7 @@ def minibatch_backward(module, mb: Experience) -> dict[str, Tensor] | None:
     """
     h = module.hparams
     ids, mask, start = mb.input_ids, mb.attention_mask, mb.start
-    split = module.critic is not None and module._one_process
+    split = module.critic is not None and one_process(module)
     if module.value_head is not None and not split:
         logits, values = module.policy_and_values(ids, mask, start)
     else:
@@ -124,7 +125,7 @@ def minibatch_backward(module, mb: Experience) -> dict[str, Tensor] | None:
         loss = h.vf_coef * vf_loss if split else loss + h.vf_coef * vf_loss
         stats["loss/value_avg"] = vf_loss.detach()
         stats["val/clipfrac_avg"] = vf_stats["clipfrac"]
-    if not module._all_ranks(bool(torch.isfinite(loss))):
+    if not all_ranks(module, bool(torch.isfinite(loss))):
         return None
     module.manual_backward(loss)
     return stats

@@ -50,3 +50,10 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def kl_controller(value: float, target: float | None = None, horizon: int = 10000) -> FixedKLController:
+    """A fixed coefficient, or one steered toward ``target`` when it is given."""
+    if target is None:
+        return FixedKLController(value)
+    return AdaptiveKLController(value, target, horizon)
