@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_lightning.modules.ppo_update import NonFiniteCounter
+from rlhf_lightning.modules.ppo_iteration import NonFiniteCounter
 from rlhf_lightning.rl.experience import Experience
 
 
@@ -84,7 +84,7 @@ def test_nonfinite_counter_stops_after_the_limit_in_a_row_and_round_trips():
 
 def test_iterations_in_fit_is_bounded_by_epochs_or_optimizer_steps():
     from rlhf_lightning.errors import ConfigurationError
-    from rlhf_lightning.modules.ppo_models import iterations_in_fit
+    from rlhf_lightning.modules.ppo_iteration import iterations_in_fit
 
     assert iterations_in_fit(2, 8, None, 0, 4, 8) == 16  # 8 batches x 2 epochs
     # 32 episodes in minibatches of 8 x 2 PPO epochs = 8 optimizer steps per iteration: 20 steps end it in 3

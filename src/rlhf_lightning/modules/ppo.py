@@ -13,8 +13,8 @@ One ``training_step`` is one PPO iteration (manual optimization):
 The algorithm itself lives in ``rlhf_lightning.rl`` as pure tensor functions; this module wires
 them to the four models, with one file per part of the stage: ``ppo_models`` (building and checking
 the models and options), ``ppo_rollout`` (steps 1-4), ``ppo_update`` (step 5), ``ppo_iteration`` (the
-iteration's random stream, non-finite guard, bookkeeping and checkpointed state) and ``ppo_logging``
-(TensorBoard). ``docs/ppo.md`` lists the published implementation details we follow.
+iteration's arithmetic, random stream, non-finite guard, bookkeeping and checkpointed state) and
+``ppo_logging`` (TensorBoard, held-out preference accuracy). ``docs/ppo.md`` lists the published implementation details we follow.
 It deliberately leaves out reward-model ensembles, PPO-ptx (pretraining loss mixing) and
 multi-turn rollouts.
 """
@@ -58,8 +58,11 @@ from rlhf_lightning.modules.base import (
     sum_over_ranks,
 )
 from rlhf_lightning.modules.ppo_iteration import (
+    NonFiniteCounter,
     NonFiniteError,
+    check_fit,
     finish_iteration,
+    fit_iterations,
     guard_nonfinite,
     iteration_state,
     load_iteration_state,
@@ -67,11 +70,9 @@ from rlhf_lightning.modules.ppo_iteration import (
 )
 from rlhf_lightning.modules.ppo_logging import preference_accuracies
 from rlhf_lightning.modules.ppo_models import (
-    check_fit,
     check_options,
     check_vocabularies,
     critic_and_value_head,
-    fit_iterations,
     reward_source,
     shared_trunk_blocks,
 )
@@ -84,7 +85,7 @@ from rlhf_lightning.modules.ppo_rollout import (
     shift_value_bias,
     weights_cast_once,
 )
-from rlhf_lightning.modules.ppo_update import NonFiniteCounter, ppo_update
+from rlhf_lightning.modules.ppo_update import ppo_update
 from rlhf_lightning.rewards import RewardFunction
 from rlhf_lightning.rl.experience import Experience
 from rlhf_lightning.rl.kl import kl_controller
@@ -203,8 +204,7 @@ class PPOModule(HoldsFrozenModels, LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        lora = LoraOptions.of(lora)
-        check_options(
+        lora = check_options(
             advantage_estimator, samples_per_prompt, critic, share_critic_backbone, temperature, lora
         )
         # the reward function is an object (its class_path is in the run's config.yaml): checkpoints
@@ -384,11 +384,7 @@ class PPOModule(HoldsFrozenModels, LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Preference accuracy of the reward model and of the policy's implicit reward on held-out pairs.
-
-        The policy's implicit reward is ``log pi(y|x) - log pi_ref(y|x)`` (Rafailov et al. 2023): it tells
-        whether PPO moved the policy toward the responses people prefer.
-        """
+        """Held-out preference accuracy of the policy's implicit reward and of the reward model."""
         for name, accuracy in preference_accuracies(self, batch).items():
             self.val_accuracy[name].update(accuracy)
 

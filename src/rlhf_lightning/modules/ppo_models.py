@@ -1,4 +1,5 @@
-"""The models of the PPO stage, built and checked: policy, frozen reference, frozen reward model, critic.
+"""The models of the PPO stage, built and checked: policy, frozen reference, frozen reward model, critic;
+the options checked before any of them loads.
 
 The critic is a backbone plus a value head with a bias. Both start from the critic model (by default
 the reward model, as Huang et al. 2024 recommend); with reward normalisation on, the head is rescaled
@@ -12,12 +13,12 @@ import math
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.lm import trunk_is_reusable
-from rlhf_lightning.models import backbone, decoder_layers, freeze, load_reward_model, score_head
+from rlhf_lightning.models import LoraOptions, backbone, decoder_layers, freeze, load_reward_model, score_head
 from rlhf_lightning.modules.reward import STATS_FILE
 
 
@@ -110,28 +111,28 @@ def critic_and_value_head(
 
 def check_options(
     estimator: str, k: int, critic: str | None, share_critic_backbone: bool, temperature: float, lora
-) -> None:
-    """The stage's options are consistent: clear errors before any model loads."""
+) -> LoraOptions | None:
+    """The stage's options are consistent (clear errors before any model loads); returns ``lora`` parsed."""
     if temperature <= 0:
         raise ConfigurationError(
             f"model.temperature must be > 0 (PPO needs sampled responses), got {temperature}"
         )
-    if lora is not None and lora.dropout > 0:
-        raise ConfigurationError("model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout")
     if k < 1:
         raise ConfigurationError(f"model.samples_per_prompt must be >= 1, got {k}")
-    if estimator == "gae":
-        return
-    if k < 2:
+    if estimator != "gae" and k < 2:
         raise ConfigurationError(
             f"model.advantage_estimator={estimator} compares the samples of each prompt: set "
             f"model.samples_per_prompt to 2 or more (got {k})"
         )
-    if critic is not None or share_critic_backbone:
+    if estimator != "gae" and (critic is not None or share_critic_backbone):
         raise ConfigurationError(
             f"model.advantage_estimator={estimator} has no critic: unset model.critic and "
             "model.share_critic_backbone (they apply to gae)"
         )
+    lora = LoraOptions.of(lora)
+    if lora is not None and lora.dropout > 0:
+        raise ConfigurationError("model.lora.dropout must be 0 for PPO: log-probs must not depend on dropout")
+    return lora
 
 
 def shared_trunk_blocks(policy: nn.Module, reference: str | None, lora, top_layers: int | None) -> int | None:
@@ -146,75 +147,6 @@ def shared_trunk_blocks(policy: nn.Module, reference: str | None, lora, top_laye
     if blocks < 1 or not trunk_is_reusable(policy, blocks):
         return None
     return blocks
-
-
-def describe_iteration(estimator: str, prompts: int, k: int, minibatch: int, epochs: int, world: int) -> str:
-    """One PPO iteration's arithmetic in words; an error naming the options when minibatches do not
-    divide the rollout (``prompts`` x ``k`` responses per device)."""
-    episodes = prompts * k
-    if minibatch < 1 or episodes % minibatch:
-        raise ConfigurationError(
-            f"each PPO iteration samples data.batch_size={prompts} prompts x model.samples_per_prompt={k} "
-            f"= {episodes} responses per device and splits them into minibatches of "
-            f"model.minibatch_size={minibatch}; {episodes} is not a multiple of {minibatch}. Pick a minibatch "
-            f"size that divides {episodes}."
-        )
-    return (
-        f"PPO iteration ({estimator}): {prompts} prompts x {k} samples/device x {world} device(s) = "
-        f"{episodes * world} episodes; {epochs} epochs x {episodes // minibatch} minibatches of {minibatch} "
-        f"= {epochs * episodes // minibatch} optimizer steps"
-    )
-
-
-def iterations_in_fit(
-    max_epochs: int | None, batches: int, max_steps: int | None, episodes: int, epochs: int, minibatch: int
-) -> int:
-    """PPO iterations in a fit: ``batches`` x ``max_epochs``, fewer if ``max_steps`` optimizer steps (each
-    iteration takes ``epochs`` x ceil(``episodes`` / ``minibatch``)) end it first; an error if neither bounds it."""
-    total = math.inf
-    if max_epochs not in (None, -1):
-        total = batches * max_epochs
-    if max_steps not in (None, -1):
-        total = min(total, math.ceil(max_steps / (epochs * math.ceil(episodes / minibatch))))
-    if math.isinf(total):
-        raise ConfigurationError(
-            "PPO needs a bounded run for its learning-rate schedule: set trainer.max_epochs "
-            "(with trainer.limit_train_batches for the iterations per epoch) or trainer.max_steps"
-        )
-    return int(total)
-
-
-def fit_iterations(trainer, hparams) -> int:
-    """PPO iterations in ``trainer``'s fit (:func:`iterations_in_fit` with the stage's options)."""
-    t, h = trainer, hparams
-    episodes = t.datamodule.batch_size * h.samples_per_prompt if t.max_steps not in (None, -1) else 0
-    return iterations_in_fit(
-        t.max_epochs, t.num_training_batches, t.max_steps, episodes, h.ppo_epochs, h.minibatch_size
-    )
-
-
-def check_fit(trainer, hparams) -> None:
-    """At the start of ``fit``: a precision PPO supports, and the iteration's arithmetic, logged (an error
-    naming the options when minibatches do not divide the rollout)."""
-    precision = str(trainer.precision)
-    if precision.startswith("16"):
-        raise ConfigurationError(
-            f"trainer.precision={precision} is not supported by PPO (its loss scaling would interact with "
-            "the non-finite checks and gradient clipping); use bf16-mixed or 32-true"
-        )
-    batch_size = getattr(trainer.datamodule, "batch_size", None)
-    if batch_size is not None:
-        h = hparams
-        rank_zero_info(
-            describe_iteration(
-                h.advantage_estimator,
-                batch_size,
-                h.samples_per_prompt,
-                h.minibatch_size,
-                h.ppo_epochs,
-                trainer.world_size,
-            )
-        )
 
 
 def check_vocabularies(**models: nn.Module | None) -> None:

@@ -17,36 +17,6 @@ from rlhf_lightning.rl.experience import Experience
 from rlhf_lightning.rl.losses import kl_loss, masked_mean, policy_loss, value_loss
 
 
-class NonFiniteCounter:
-    """Iterations and minibatch steps skipped for NaN/inf, and how many iterations in a row were.
-
-    Args:
-        limit: Consecutive non-finite iterations after which the run must stop.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.rollouts = self.steps = self.consecutive = 0
-
-    def rollout(self, finite: bool) -> bool:
-        """Record one iteration; ``False`` once ``limit`` iterations in a row were non-finite."""
-        self.consecutive = 0 if finite else self.consecutive + 1
-        self.rollouts += not finite
-        return self.consecutive < self.limit
-
-    def state_dict(self) -> dict:
-        return {
-            "nonfinite_rollouts": self.rollouts,
-            "nonfinite_steps": self.steps,
-            "consecutive_nonfinite": self.consecutive,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rollouts = state.get("nonfinite_rollouts", 0)
-        self.steps = state.get("nonfinite_steps", 0)
-        self.consecutive = state.get("consecutive_nonfinite", 0)
-
-
 def ppo_update(module, experience: Experience) -> dict[str, Tensor]:
     """``ppo_epochs`` x shuffled minibatches of ``module``'s losses on ``experience``, one optimizer step
     each; returns the statistics averaged over the steps taken (TensorBoard names)."""

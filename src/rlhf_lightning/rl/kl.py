@@ -52,7 +52,7 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-def kl_controller(value: float, target: float | None = None, horizon: int = 10000) -> FixedKLController:
+def kl_controller(value: float, target: float | None, horizon: int) -> FixedKLController:
     """A fixed coefficient, or one steered toward ``target`` when it is given."""
     if target is None:
         return FixedKLController(value)
