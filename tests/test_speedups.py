@@ -185,6 +185,8 @@ def test_bf16_ppo_iteration_matches_fp32(tmp_path):
         torch.testing.assert_close(bf16[key], fp32[key], rtol=0.02, atol=1e-3)
     linears = [m for m in module.reward_model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight.dtype == torch.bfloat16 for m in linears)  # frozen models stored in bf16
+    # each minibatch step frees its gradients: none are held through the next rollout
+    assert all(p.grad is None for p in module.parameters())
 
 
 def test_rollout_weight_cast_cache_changes_no_number(tmp_path, monkeypatch):
@@ -368,3 +370,56 @@ def test_decoding_head_cast_once_gives_the_logits_autocast_gives():
         assert torch.equal(_decoding_head(model, "cpu")(hidden), lm_head(model)(hidden))
     with torch.no_grad():  # without autocast: the head as it is
         assert torch.equal(_decoding_head(model, "cpu")(hidden), lm_head(model)(hidden))
+
+
+def _sft_fit(tiny_exports, free_early: bool, accumulate: int) -> tuple[dict, list[int]]:
+    """Three SFT steps on the tiny model; the weights, and how many gradients each step found alive."""
+    from lightning.pytorch import Callback, LightningModule, seed_everything
+
+    from rlhf_lightning.data.sft import SFTDataModule
+    from rlhf_lightning.modules.sft import SFTModule
+
+    class Alive(Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.counts.append(sum(p.grad is not None for p in module.parameters()))
+
+    seed_everything(0)
+    module = SFTModule(model=str(tiny_exports["policy"]), learning_rate=1e-2, export_dir=None)
+    if not free_early:  # Lightning's own order: zeroed after the next step's forward pass
+        module.optimizer_step = LightningModule.optimizer_step.__get__(module)
+    data = SFTDataModule(
+        train=str(tiny_exports["sft_data"]), tokenizer=str(tiny_exports["policy"]), batch_size=4
+    )
+    alive = Alive()
+    Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[alive],
+    ).fit(module, datamodule=data)
+    return {k: v.clone() for k, v in module.state_dict().items()}, alive.counts
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_each_optimizer_step_and_the_weights_are_unchanged(
+    tiny_exports, accumulate
+):
+    early, alive = _sft_fit(tiny_exports, free_early=True, accumulate=accumulate)
+    late, alive_late = _sft_fit(tiny_exports, free_early=False, accumulate=accumulate)
+    assert early.keys() == late.keys()
+    for key in early:
+        assert torch.equal(early[key], late[key]), key
+    n_params = sum(1 for _ in load_causal_lm("tiny:llama").parameters())
+    if accumulate == 1:
+        assert alive[1:] == [0] * (len(alive) - 1)  # nothing held into the next forward pass
+        assert alive_late[1:] == [n_params] * (len(alive_late) - 1)  # what the override frees
+    else:  # accumulating: the gradients of the first micro-batch live on into the second, then are freed
+        assert alive[1:4] == [n_params, 0, n_params]

@@ -38,6 +38,7 @@ def ppo_update(module, experience: Experience) -> dict[str, Tensor]:
                 _count_skipped_step(module, "loss" if stats is None else "gradient")
                 continue
             optimizer.step()
+            optimizer.zero_grad()  # freed now, not held through the next minibatch's forward or rollout
             for key, value in {**stats, "policy/grad_norm": grad_norm}.items():
                 records.setdefault(key, []).append(value.float())
     stats = {k: torch.stack(v).mean() for k, v in records.items()}
