@@ -9,7 +9,9 @@ alternate (ours, TRL, TRL, ours, ...) over ``--rounds`` so drift on a shared mac
 process loads the same model directory (SmolLM2-135M-Instruct for every role, the cache the
 ``bundled:`` loader writes), the same tokenizer (pad ``<|endoftext|>``) and the same rows, runs
 ``--warmup`` untimed iterations and then ``--steps`` timed ones. An iteration is timed from the end of
-the previous one to its own end, so data loading, logging and the optimizer are inside.
+the previous one to its own end, so data loading, logging and the optimizer are inside. Our worker tunes
+glibc's malloc as the ``rlhf-lightning`` command does (``rlhf_lightning.allocator``; TRL's runs with the
+defaults, as a TRL user's would); ``RLHF_LIGHTNING_MALLOC=default`` runs ours with the defaults too.
 
 Settings (equal on both sides, as in the issue's anchor): SFT batch 8 x max length 128; reward 8 pairs,
 max length 128; DPO 8 pairs, max length 128, beta 0.1, sigmoid loss, a frozen reference model (with
@@ -161,6 +163,10 @@ class StepClock:
 
 def ours(stage: str, folder: Path, steps: int, precision: str, options: dict) -> dict:
     import lightning as L
+
+    from rlhf_lightning.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the rlhf-lightning command does at start-up (RLHF_LIGHTNING_MALLOC=default: off)
 
     from rlhf_lightning.data.preference import PreferenceDataModule
     from rlhf_lightning.data.prompts import PromptDataModule

@@ -16,6 +16,7 @@ import logging
 import sys
 import warnings
 
+from rlhf_lightning.allocator import keep_freed_memory
 from rlhf_lightning.errors import InputError, StageStopped, StorageError
 from rlhf_lightning.stages import STAGES, run_stage
 
@@ -65,6 +66,7 @@ def quiet_library_noise() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rlhf-lightning`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     quiet_library_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
