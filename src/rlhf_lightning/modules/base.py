@@ -173,8 +173,8 @@ class FinetuneModule(LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Step, then free the gradients at once. Lightning zeroes them only after the next step's forward
-        pass, so they would sit in memory beside its activations: the trained weights' size again (a
-        fifth of the SFT step's peak in fp32, ``scripts/benchmark.py``). The numbers are unchanged."""
+        pass, so they would sit in memory beside its activations: the trained weights' size again (0.6 of
+        the SFT step's 4.8 GB fp32 peak, ``scripts/benchmark.py``). The numbers are unchanged."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
 
