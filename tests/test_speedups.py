@@ -148,6 +148,18 @@ def test_split_backward_gives_the_gradients_of_the_summed_loss(tmp_path):
         torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5)
 
 
+def _quiet_trainer(**options) -> Trainer:
+    """A CPU trainer that writes nothing: no logger, checkpoints, progress bar or model summary."""
+    return Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+
+
 def _one_iteration(tmp_path, precision: str) -> tuple[dict, list[tuple[bool, bool]], PPOModule]:
     torch.manual_seed(0)
     module, data = _tiny_ppo(tmp_path / precision, ppo_epochs=4, learning_rate=3e-3)
@@ -160,17 +172,7 @@ def _one_iteration(tmp_path, precision: str) -> tuple[dict, list[tuple[bool, boo
         return seen[-1]
 
     module.optimize = optimize
-    trainer = Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data)
+    _quiet_trainer(precision=precision, max_epochs=1, limit_train_batches=1).fit(module, data)
     return seen[0], autocast, module
 
 
@@ -394,17 +396,10 @@ def _sft_fit(tiny_exports, free_early: bool, accumulate: int) -> tuple[dict, lis
         train=str(tiny_exports["sft_data"]), tokenizer=str(tiny_exports["policy"]), batch_size=4
     )
     alive = Alive()
-    Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[alive],
-    ).fit(module, datamodule=data)
+    trainer = _quiet_trainer(
+        max_steps=3, accumulate_grad_batches=accumulate, limit_val_batches=0, callbacks=[alive]
+    )
+    trainer.fit(module, datamodule=data)
     return {k: v.clone() for k, v in module.state_dict().items()}, alive.counts
 
 

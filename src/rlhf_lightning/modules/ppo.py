@@ -14,7 +14,8 @@ The algorithm itself lives in ``rlhf_lightning.rl`` as pure tensor functions; th
 them to the four models, with one file per part of the stage: ``ppo_models`` (building and checking
 the models and options), ``ppo_rollout`` (steps 1-4), ``ppo_update`` (step 5), ``ppo_iteration`` (the
 iteration's arithmetic, random stream, non-finite guard, bookkeeping and checkpointed state) and
-``ppo_logging`` (TensorBoard, held-out preference accuracy). ``docs/ppo.md`` lists the published implementation details we follow.
+``ppo_logging`` (TensorBoard, held-out preference accuracy). ``docs/ppo.md`` lists the published
+implementation details we follow.
 It deliberately leaves out reward-model ensembles, PPO-ptx (pretraining loss mixing) and
 multi-turn rollouts.
 """

@@ -47,9 +47,9 @@ def log_iteration(
 
 def preference_accuracies(module, batch: dict) -> dict[str, Tensor]:
     """On a batch of held-out pairs (no gradients: called from ``validation_step``): how often the
-    policy's implicit reward, ``log pi(y|x) - log
-    pi_ref(y|x)`` (Rafailov et al. 2023), prefers the preferred response (did PPO move the policy toward
-    what people prefer?), and, when there is one, how often the reward model does."""
+    policy's implicit reward, ``log pi(y|x) - log pi_ref(y|x)`` (Rafailov et al. 2023), prefers the
+    preferred response (did PPO move the policy toward what people prefer?), and, when there is one, how
+    often the reward model does."""
     pairs = batch["pairs"]
     implicit = completion_logprob(module.policy, batch)
     with module.reference_model() as reference:
