@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhf_lightning import decoding
 from rlhf_lightning.errors import ConfigurationError
 from rlhf_lightning.models import backbone, decoder_layers, lm_head, score_head
 
@@ -491,9 +492,12 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    step_decoder: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Generate from left-padded prompts with the KV cache: the backbone once over the prompts, then
     one step per token, each token drawn by :func:`draw_tokens` from the LM head at the last position.
+    With ``step_decoder`` the steps run through :class:`~rlhf_lightning.decoding.StepDecoder` where it
+    applies (a plain Llama-family model), else through the model's own layers.
 
     Returns ``(responses, response_mask)`` of shape ``(batch, max_new_tokens)``: tokens after the first
     EOS are pad and masked out; the pad token itself is never sampled (unless it doubles as EOS). Stops
@@ -508,12 +512,19 @@ def sample(
     mask = attention_mask.long()
     positions = position_ids(mask)
     out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    hidden = out.last_hidden_state[:, -1]
+    decoder = None
+    if step_decoder and max_new_tokens > 1 and decoding.supports(model):
+        decoder = decoding.StepDecoder(model, getattr(out, cache_arg), mask, max_new_tokens - 1)
+        del out
     head = _decoding_head(model, input_ids.device.type)
+    if decoder is not None and decoder.head is not None:
+        head = decoder.logits
     step_positions = positions[:, -1:] + 1
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
-        logits = head(out.last_hidden_state[:, -1])
+        logits = head(hidden)
         token = draw_tokens(logits, temperature, top_k, top_p, suppress, do_sample).masked_fill_(
             done, pad_token_id
         )
@@ -521,14 +532,18 @@ def sample(
         done |= token == eos_token_id
         if done.all() or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = body(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=step_positions,
-            use_cache=True,
-            **{cache_arg: getattr(out, cache_arg)},
-        )
+        if decoder is not None:
+            hidden = decoder.step(token, step_positions)
+        else:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = body(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                **{cache_arg: getattr(out, cache_arg)},
+            )
+            hidden = out.last_hidden_state[:, -1]
         step_positions = step_positions + 1
     model.train(was_training)
     responses = torch.stack(tokens, dim=1)
