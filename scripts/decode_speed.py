@@ -1,15 +1,17 @@
 """Decoding speed against the memory-bandwidth bound (issue #15, item 3).
 
     python scripts/decode_speed.py --batches 8 32
+    python scripts/decode_speed.py --batches 8 32 --no_step_decoder   # through transformers' layers
 
 Decoding one token reads every weight of the model once, whatever the batch, so a step cannot run
 faster than the machine streams the weights from memory. The script measures that stream in the same
 run (a large ``copy_``: the bytes read per second), loads the model as the evaluation samples with it
 (frozen, linear weights in bf16 under bf16-mixed, the precision chosen for the machine), and times
 :func:`rlhf_lightning.lm.sample` on the validation prompts at each batch size (temperature 0.7, 48 new
-tokens, as PPO's rollout and the evaluation sample). The bound in steps per second is the read
-bandwidth over the bytes of the model's parameters as stored (a tied LM head counted once); the share
-of it a step reaches is what the issue asks to be at least 50% at batch 8.
+tokens, as PPO's rollout and the evaluation sample); the steps run through
+:class:`rlhf_lightning.decoding.StepDecoder` unless ``--no_step_decoder``. The bound in steps per second
+is the read bandwidth over the bytes of the model's parameters as stored (a tied LM head counted once);
+the share of it a step reaches is what the issue asks to be at least 50% at batch 8.
 
 Writes ``<out>`` (JSON) with the CPU's capability and precision beside every figure.
 """
@@ -63,7 +65,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def time_decoding(model, tokenizer, prompts: list, batch: int, new_tokens: int, precision: str, repeats: int):
+def time_decoding(
+    model, tokenizer, prompts: list, batch: int, new_tokens: int, precision: str, repeats: int,
+    step_decoder: bool = True,
+):  # fmt: skip
     """The fastest of ``repeats`` decodes of the first ``batch`` prompts (after one warm-up):
     ``(seconds, steps, tokens)``, steps being the tokens decoded by the longest row."""
     ids, mask = left_padded(
@@ -76,7 +81,7 @@ def time_decoding(model, tokenizer, prompts: list, batch: int, new_tokens: int, 
         with inference_autocast(precision=precision):
             _, response_mask = sample(
                 model, ids, mask, max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, temperature=0.7,
+                pad_token_id=tokenizer.pad_token_id, temperature=0.7, step_decoder=step_decoder,
             )  # fmt: skip
         elapsed = time.perf_counter() - began
         result = (elapsed, int(response_mask.sum(-1).max()), int(response_mask.sum()))
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new_tokens", type=int, default=48)
     parser.add_argument("--precision", default="auto", help="auto: bf16-mixed where bf16 matmuls are native")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--no_step_decoder", action="store_true",
+        help="decode through transformers' layers instead of rlhf_lightning.decoding.StepDecoder",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/decode_speed.json")
     args = parser.parse_args(argv)
     precision = auto_precision()[0] if args.precision == "auto" else args.precision
@@ -107,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
         prompts += prompts
     bandwidth, nbytes = read_bandwidth(), weight_bytes(model)
     bound = bandwidth / nbytes
-    results = []
+    results, step_decoder = [], not args.no_step_decoder
     for batch in args.batches:
         seconds, steps, tokens = time_decoding(
-            model, tokenizer, prompts, batch, args.new_tokens, precision, args.repeats
+            model, tokenizer, prompts, batch, args.new_tokens, precision, args.repeats, step_decoder
         )
         results.append({
             "batch": batch, "seconds": seconds, "steps": steps, "tokens": tokens,
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['tokens_per_s']:.0f} tokens/s, {r['share_of_bound']:.0%} of the bound", flush=True)  # fmt: skip
     summary = {
         "cpu": cpu_description(), "precision": precision, "model": args.model,
+        "step_decoder": step_decoder,
         "read_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": nbytes, "bound_steps_per_s": bound,
         "new_tokens": args.new_tokens, "results": results,
     }  # fmt: skip

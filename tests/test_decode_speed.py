@@ -24,3 +24,10 @@ def test_decode_speed_reports_steps_tokens_and_the_share_of_the_bandwidth_bound(
         assert 1 <= r["steps"] <= 5 and r["steps"] <= r["tokens"] <= r["batch"] * 5
         assert r["steps_per_s"] == r["steps"] / r["seconds"]
         assert abs(r["share_of_bound"] - r["steps_per_s"] / summary["bound_steps_per_s"]) < 1e-12
+    assert summary["step_decoder"] is True
+    through_transformers = script("decode_speed").main(
+        [*args, "--precision", "32-true", "--repeats", "1", "--no_step_decoder", "--out", str(out)]
+    )
+    assert through_transformers["step_decoder"] is False
+    # the same seed and fp32 numbers up to rounding: the same tokens either way
+    assert [r["tokens"] for r in through_transformers["results"]] == [r["tokens"] for r in summary["results"]]
