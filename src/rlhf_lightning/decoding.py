@@ -46,6 +46,8 @@ def supports(model: nn.Module) -> bool:
     body = backbone(model)
     if not all(hasattr(body, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
         return False
+    if not all(hasattr(layer.self_attn, name) for layer in body.layers for name in ("head_dim", "scaling")):
+        return False  # an older transformers' attention module
     return all(_plain_linear(layer.get_submodule(p)) for layer in body.layers for p in _PROJECTIONS)
 
 
