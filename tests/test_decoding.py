@@ -114,3 +114,45 @@ def test_a_model_without_the_fast_step_samples_the_same_way(step_decoder):
         model, prompts, mask, max_new_tokens=5, eos_token_id=1, pad_token_id=0, step_decoder=step_decoder
     )
     assert responses.shape == response_mask.shape == (5, 5)
+
+
+def test_distinct_rows_index_back_to_the_batch():
+    from rlhf_lightning.decoding import distinct_rows
+
+    prompts, mask = _prompts()
+    (ids, m), rows = distinct_rows(prompts, mask)
+    assert rows is None and ids is prompts and m is mask  # nothing repeats
+    batch, batch_mask = prompts.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    (ids, m), rows = distinct_rows(batch, batch_mask)
+    assert len(ids) == len(prompts) and m.dtype == batch_mask.dtype
+    assert torch.equal(ids[rows], batch) and torch.equal(m[rows], batch_mask)
+
+
+def test_a_repeated_prompt_is_encoded_once_and_samples_as_before():
+    """K samples of each prompt: the step decoder encodes each prompt once and draws the same tokens as
+    transformers' layers fed the whole batch."""
+    model = load_causal_lm("tiny:llama").eval()
+    prompts, mask = _prompts()
+    batch, batch_mask = prompts.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    encoded = []
+    hook = backbone(model).register_forward_hook(lambda module, args, kwargs, out: encoded.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    runs = []
+    for step_decoder in (True, False):
+        torch.manual_seed(0)
+        runs.append(
+            sample(
+                model,
+                batch,
+                batch_mask,
+                max_new_tokens=8,
+                eos_token_id=1,
+                pad_token_id=0,
+                temperature=0.7,
+                step_decoder=step_decoder,
+            )  # fmt: skip
+        )
+    hook.remove()
+    assert encoded[0] == len(prompts)  # the step decoder's run: one row per distinct prompt
+    assert encoded[1] == len(batch)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

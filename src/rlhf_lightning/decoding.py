@@ -66,9 +66,12 @@ class StepDecoder:
         cache: The model's key/value cache after encoding the (left-padded) prompts.
         prompt_mask: ``(batch, prompt_length)`` attention mask of the prompts.
         max_new_tokens: Steps this decoder will take at most (the cache's size).
+        rows: The cache's row of each prompt (:func:`distinct_rows`); ``None``: one row per prompt.
     """
 
-    def __init__(self, model: nn.Module, cache, prompt_mask: Tensor, max_new_tokens: int):
+    def __init__(
+        self, model: nn.Module, cache, prompt_mask: Tensor, max_new_tokens: int, rows: Tensor | None = None
+    ):
         body = backbone(model)
         self.body = body
         device = prompt_mask.device
@@ -104,6 +107,8 @@ class StepDecoder:
         self.keys, self.values = [], []
         for i in range(len(body.layers)):
             k, v = _cached(cache, i)
+            if rows is not None:
+                k, v = k[rows], v[rows]
             shape = (batch, self.kv_heads, size, self.head_dim)
             keys, values = k.new_empty(shape, dtype=torch.float32), v.new_empty(shape, dtype=torch.float32)
             keys[:, :, :prompt_length] = k
@@ -161,6 +166,18 @@ def packed_linear(weight: Tensor, batch: int, dtype: torch.dtype) -> Callable[[T
         except (AttributeError, RuntimeError):  # an older torch, or a dtype this CPU's oneDNN lacks
             pass
     return lambda x: F.linear(x, weight)
+
+
+def distinct_rows(input_ids: Tensor, attention_mask: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+    """The distinct (prompt, mask) rows of a batch and the index of each original row among them, or the
+    batch itself and ``None`` when no row repeats. A rollout samples each prompt K times: its prompts
+    need encoding once, and a row's encoding does not depend on the other rows of its batch."""
+    both = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    distinct, rows = torch.unique(both, dim=0, return_inverse=True)
+    if len(distinct) == len(both):
+        return (input_ids, attention_mask), None
+    width = input_ids.shape[1]
+    return (distinct[:, :width], distinct[:, width:].to(attention_mask.dtype)), rows
 
 
 def _cached(cache, layer: int) -> tuple[Tensor, Tensor]:

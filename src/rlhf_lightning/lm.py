@@ -497,7 +497,8 @@ def sample(
     """Generate from left-padded prompts with the KV cache: the backbone once over the prompts, then
     one step per token, each token drawn by :func:`draw_tokens` from the LM head at the last position.
     With ``step_decoder`` the steps run through :class:`~rlhf_lightning.decoding.StepDecoder` where it
-    applies (a plain Llama-family model), else through the model's own layers.
+    applies (a plain Llama-family model), and a prompt that occurs several times in the batch is encoded
+    once; else everything runs through the model's own layers.
 
     Returns ``(responses, response_mask)`` of shape ``(batch, max_new_tokens)``: tokens after the first
     EOS are pad and masked out; the pad token itself is never sampled (unless it doubles as EOS). Stops
@@ -511,11 +512,17 @@ def sample(
     cache_arg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     mask = attention_mask.long()
     positions = position_ids(mask)
-    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    fast = step_decoder and max_new_tokens > 1 and decoding.supports(model)
+    # with the step decoder a prompt repeated in the batch (K samples of it) is encoded once
+    prompts, rows = decoding.distinct_rows(input_ids, mask) if fast else ((input_ids, mask), None)
+    out = body(
+        input_ids=prompts[0], attention_mask=prompts[1], position_ids=position_ids(prompts[1]), use_cache=True
+    )
     hidden = out.last_hidden_state[:, -1]
     decoder = None
-    if step_decoder and max_new_tokens > 1 and decoding.supports(model):
-        decoder = decoding.StepDecoder(model, getattr(out, cache_arg), mask, max_new_tokens - 1)
+    if fast:
+        hidden = hidden if rows is None else hidden[rows]
+        decoder = decoding.StepDecoder(model, getattr(out, cache_arg), mask, max_new_tokens - 1, rows)
         del out
     head = _decoding_head(model, input_ids.device.type)
     if decoder is not None and decoder.head is not None:
