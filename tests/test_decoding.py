@@ -64,9 +64,8 @@ def test_steps_give_transformers_logits_under_bf16_autocast():
     assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) > 0.9
 
 
-def test_sampled_tokens_are_those_of_transformers_layers():
-    model = load_causal_lm("tiny:llama").eval()
-    prompts, mask = _prompts()
+def _sample_both_ways(model, prompts, mask, max_new_tokens: int):
+    """``sample`` with and without the step decoder, from the same random state."""
     runs = []
     for step_decoder in (True, False):
         torch.manual_seed(0)
@@ -75,13 +74,19 @@ def test_sampled_tokens_are_those_of_transformers_layers():
                 model,
                 prompts,
                 mask,
-                max_new_tokens=12,
+                max_new_tokens=max_new_tokens,
                 eos_token_id=1,
                 pad_token_id=0,
                 temperature=0.7,
                 step_decoder=step_decoder,
             )  # fmt: skip
         )
+    return runs
+
+
+def test_sampled_tokens_are_those_of_transformers_layers():
+    prompts, mask = _prompts()
+    runs = _sample_both_ways(load_causal_lm("tiny:llama").eval(), prompts, mask, max_new_tokens=12)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
@@ -137,21 +142,7 @@ def test_a_repeated_prompt_is_encoded_once_and_samples_as_before():
     encoded = []
     hook = backbone(model).register_forward_hook(lambda module, args, kwargs, out: encoded.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
-    runs = []
-    for step_decoder in (True, False):
-        torch.manual_seed(0)
-        runs.append(
-            sample(
-                model,
-                batch,
-                batch_mask,
-                max_new_tokens=8,
-                eos_token_id=1,
-                pad_token_id=0,
-                temperature=0.7,
-                step_decoder=step_decoder,
-            )  # fmt: skip
-        )
+    runs = _sample_both_ways(model, batch, batch_mask, max_new_tokens=8)
     hook.remove()
     assert encoded[0] == len(prompts)  # the step decoder's run: one row per distinct prompt
     assert encoded[1] == len(batch)
