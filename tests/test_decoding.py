@@ -79,7 +79,7 @@ def _sample_both_ways(model, prompts, mask, max_new_tokens: int):
                 pad_token_id=0,
                 temperature=0.7,
                 step_decoder=step_decoder,
-            )  # fmt: skip
+            )
         )
     return runs
 
