@@ -511,23 +511,23 @@ def sample(
     # transformers 5 names the KV cache `cache`; 4.x names it `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     mask = attention_mask.long()
-    positions = position_ids(mask)
     fast = step_decoder and max_new_tokens > 1 and decoding.supports(model)
     # with the step decoder a prompt repeated in the batch (K samples of it) is encoded once
     prompts, rows = decoding.distinct_rows(input_ids, mask) if fast else ((input_ids, mask), None)
-    out = body(
-        input_ids=prompts[0], attention_mask=prompts[1], position_ids=position_ids(prompts[1]), use_cache=True
-    )
-    hidden = out.last_hidden_state[:, -1]
+    positions = position_ids(prompts[1])
+    out = body(input_ids=prompts[0], attention_mask=prompts[1], position_ids=positions, use_cache=True)
+    hidden, step_positions = out.last_hidden_state[:, -1], positions[:, -1:] + 1
+    if rows is not None:  # back to one row per sample
+        hidden, step_positions = hidden[rows], step_positions[rows]
     decoder = None
     if fast:
-        hidden = hidden if rows is None else hidden[rows]
         decoder = decoding.StepDecoder(model, getattr(out, cache_arg), mask, max_new_tokens - 1, rows)
         del out
-    head = _decoding_head(model, input_ids.device.type)
+    # the decoder's packed head where it has one: the plain head's cast copy would go unused
     if decoder is not None and decoder.head is not None:
         head = decoder.logits
-    step_positions = positions[:, -1:] + 1
+    else:
+        head = _decoding_head(model, input_ids.device.type)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
